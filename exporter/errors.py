@@ -1,0 +1,25 @@
+"""Errors raised by the exporter. Each carries the CLI exit code it maps to."""
+
+from __future__ import annotations
+
+from worker.exit_codes import ExitCode
+
+
+class ExportError(Exception):
+    """Base error of the exporter."""
+
+    exit_code: ExitCode = ExitCode.MODEL_ERROR
+
+
+class SourceError(ExportError):
+    """The checkpoint could not be found, loaded, or is not a BERT model we can export."""
+
+
+class ValidationMismatch(ExportError):
+    """The ONNX model's outputs differ from PyTorch's beyond the tolerances."""
+
+    exit_code = ExitCode.VALIDATION_FAILED
+
+
+class OptimizationError(ExportError):
+    """An optimization step (fusion, fp16, quantization) did not do what it must."""

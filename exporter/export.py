@@ -1,0 +1,267 @@
+"""Export a checkpoint to a validated ONNX model directory.
+
+The directory is assembled next to its destination and moved into place only
+when validation passed; a failed export is kept as ``<out>.failed`` for
+inspection, with its report, and is never mistaken for a usable model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporter.errors import ExportError, ValidationMismatch
+from exporter.manifest import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    Layers,
+    Manifest,
+    Pooling,
+    SpecialTokens,
+    Task,
+    read_manifest,
+    write_manifest,
+)
+from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
+from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
+from exporter.validation import Tolerances, ValidationReport, build_cases, validate_onnx
+from worker.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from torch import nn
+
+DEFAULT_OPSET = 17
+# Small files that let other tools (transformers, tokenizers) rebuild the tokenizer too.
+_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``bertbatch export`` decides. ``None`` means: take the checkpoint's own setting."""
+
+    source: str
+    task: Task
+    out: Path
+    pooling: Pooling | None = None
+    normalize: bool | None = None
+    layers: Layers = "last"
+    token_embeddings: bool = False
+    top_k: int = 5
+    max_length: int | None = None
+    opset: int = DEFAULT_OPSET
+    tolerances: Tolerances = Tolerances()
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    report: ValidationReport
+
+
+class OutputExists(ExportError):
+    exit_code = ExitCode.OUTPUT_CONFLICT
+
+
+def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
+    """Load, export, validate and write the model directory; raise ``ValidationMismatch`` on differences."""
+    out = config.out
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise OutputExists(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    resolved = resolve_source(config.source)
+    log(f"loading {config.source} for task {config.task}")
+    model, architecture = load_model(resolved, config.task)
+    tokenizer = load_tokenizer(resolved)
+    special = special_tokens(tokenizer, resolved)
+    settings = _head_settings(config, resolved, special)
+    max_length = _max_length(config, resolved, model.config)
+    spec = TASK_SPECS[config.task]
+    head = spec.build_head(model, architecture, settings)
+    output_names = spec.output_names(settings)
+
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    log(f"exporting to ONNX (opset {config.opset}, dynamic batch and sequence axes)")
+    trace_to_onnx(head, settings, spec.task, staging / MODEL_FILE, output_names, config.opset, special.pad)
+    tokenizer.save(str(staging / TOKENIZER_FILE))
+    for name in _TOKENIZER_COMPANIONS:
+        if (resolved.transformer_dir / name).is_file():
+            shutil.copyfile(resolved.transformer_dir / name, staging / name)
+
+    log("validating against PyTorch")
+    cases = build_cases(tokenizer, config.task, max_length, special.mask, special.pad)
+    report = validate_onnx(head, staging / MODEL_FILE, config.task, output_names, cases, config.tolerances)
+    manifest = Manifest(
+        task=config.task,
+        source=_recorded_source(config.source),
+        max_length=max_length,
+        special_tokens=special,
+        inputs=INPUT_NAMES,
+        outputs=output_names,
+        opset=config.opset,
+        pooling=settings.pooling if config.task == "embed" else None,
+        normalize=settings.normalize if config.task == "embed" else False,
+        layers=settings.layers if config.task == "embed" else None,
+        token_embeddings=settings.token_embeddings if config.task == "embed" else False,
+        embedding_dim=_embedding_dim(model.config, settings) if config.task == "embed" else None,
+        top_k=settings.top_k if config.task == "fill-mask" else None,
+        id2label=_id2label(model.config) if config.task == "classify" else None,
+        validation=report.to_dict(),
+    )
+    write_manifest(staging, manifest)
+    for line in report.summary_lines():
+        log(line)
+    if not report.passed:
+        failed = out.parent / f"{out.name}.failed"
+        shutil.rmtree(failed, ignore_errors=True)
+        staging.rename(failed)
+        raise ValidationMismatch(
+            f"{out}: the ONNX outputs differ from PyTorch ({report.problems[0]}"
+            f"{f' and {len(report.problems) - 1} more' if len(report.problems) > 1 else ''}); "
+            f"the export is kept for inspection in {failed}. Tolerances loosen only with --atol/--rtol."
+        )
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log(f"wrote {out}")
+    return ExportResult(out, manifest, report)
+
+
+def trace_to_onnx(
+    head: nn.Module,
+    settings: HeadSettings,
+    task: Task,
+    path: Path,
+    output_names: tuple[str, ...],
+    opset: int,
+    pad_id: int,
+) -> None:
+    """Export with the TorchScript exporter, whose graphs onnxruntime's fusions recognise.
+
+    The example batch has two rows of different lengths (a real padding mask), so
+    neither an all-ones mask nor a size-1 dimension can be frozen into the graph.
+    """
+    import torch
+
+    mask_id = settings.mask_token_id if task == "fill-mask" else None
+    first = [101, 2023, 2003, mask_id or 1037, 3231, 1997, 1996, mask_id or 4654, 102]
+    second = [101, mask_id or 2117, 2028, 2003, 102]
+    from worker.batching import pad_rows
+
+    arrays = pad_rows([first, second], [[0] * len(first), [0] * 3 + [1] * 2], pad_id)
+    example = tuple(torch.from_numpy(array) for array in arrays)
+    head.eval()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                head,
+                example,
+                str(path),
+                input_names=list(INPUT_NAMES),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes(TASK_SPECS[task], settings),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as error:  # the exporter raises many internal types
+        raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
+    finally:
+        head.eval()  # the exporter restores the previous training flags recursively
+
+
+def special_tokens(tokenizer: Tokenizer, resolved: ResolvedSource) -> SpecialTokens:
+    names = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
+    config_file = resolved.transformer_dir / "special_tokens_map.json"
+    if config_file.is_file():
+        declared = json.loads(config_file.read_text(encoding="utf-8"))
+        for key in names:
+            value = declared.get(f"{key}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                names[key] = value
+    ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
+    missing = [names[key] for key in ("cls", "sep", "pad") if ids[key] is None]
+    if missing:
+        raise ExportError(f"{resolved.given}: tokenizer has no {', '.join(missing)} token")
+    return SpecialTokens(cls=ids["cls"], sep=ids["sep"], pad=ids["pad"], mask=ids["mask"], unk=ids["unk"])
+
+
+def _head_settings(config: ExportConfig, resolved: ResolvedSource, special: SpecialTokens) -> HeadSettings:
+    st = resolved.sentence_transformers
+    return HeadSettings(
+        pooling=config.pooling or (st.pooling if st else "mean"),
+        normalize=config.normalize if config.normalize is not None else (st.normalize if st else False),
+        layers=config.layers,
+        token_embeddings=config.token_embeddings,
+        top_k=config.top_k,
+        mask_token_id=special.mask,
+    )
+
+
+def _max_length(config: ExportConfig, resolved: ResolvedSource, model_config: Any) -> int:
+    positions = int(getattr(model_config, "max_position_embeddings", 512))
+    st = resolved.sentence_transformers
+    declared = (st.max_seq_length if st else None) or tokenizer_max_length(resolved) or positions
+    if config.max_length is not None and config.max_length > positions:
+        raise ExportError(f"--max-length {config.max_length} exceeds the model's {positions} position embeddings")
+    return min(config.max_length or declared, positions)
+
+
+def _embedding_dim(model_config: Any, settings: HeadSettings) -> int:
+    hidden = int(model_config.hidden_size)
+    return hidden * 4 if settings.layers == "concat-last-four" else hidden
+
+
+def _id2label(model_config: Any) -> dict[int, str]:
+    return {int(k): str(v) for k, v in model_config.id2label.items()}
+
+
+def _recorded_source(source: str) -> str:
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def revalidate(directory: Path, tolerances: Tolerances | None = None, log: Callable[[str], None] = print) -> ValidationReport:
+    """Re-run validation of an exported directory against its source checkpoint (``bertbatch validate``)."""
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{directory}: not a bertbatch model directory: {error}") from error
+    resolved = resolve_source(manifest.source)
+    model, architecture = load_model(resolved, manifest.task)
+    tokenizer = load_tokenizer(resolved)
+    settings = HeadSettings(
+        pooling=manifest.pooling or "mean",
+        normalize=manifest.normalize,
+        layers=manifest.layers or "last",
+        token_embeddings=manifest.token_embeddings,
+        top_k=manifest.top_k or 5,
+        mask_token_id=manifest.special_tokens.mask,
+    )
+    head = TASK_SPECS[manifest.task].build_head(model, architecture, settings)
+    chosen = tolerances or Tolerances(**manifest.validation.get("tolerances", {}))
+    cases = build_cases(tokenizer, manifest.task, manifest.max_length, manifest.special_tokens.mask, manifest.special_tokens.pad)
+    report = validate_onnx(head, directory / manifest.model_file, manifest.task, manifest.outputs, cases, chosen)
+    for line in report.summary_lines():
+        log(line)
+    if not report.passed:
+        raise ValidationMismatch(f"{directory}: the ONNX outputs differ from {manifest.source}: {report.problems[0]}")
+    return report
+
+
+def with_tolerances(config: ExportConfig, atol: float | None, rtol: float | None) -> ExportConfig:
+    tolerances = config.tolerances
+    if atol is not None:
+        tolerances = replace(tolerances, atol=atol)
+    if rtol is not None:
+        tolerances = replace(tolerances, rtol=rtol)
+    return replace(config, tolerances=tolerances)

@@ -1,0 +1,95 @@
+"""The model-directory manifest: the only contract between exporter and worker.
+
+A model directory holds ``model.onnx``, ``tokenizer.json`` and ``bertbatch.json``
+(this manifest). Standard library only, so the worker reads it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MANIFEST_NAME = "bertbatch.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT_VERSION = 1
+
+Task = Literal["embed", "fill-mask", "classify"]
+Pooling = Literal["mean", "cls", "pooler"]
+Layers = Literal["last", "second-to-last", "sum-last-four", "concat-last-four"]
+Precision = Literal["fp32", "fp16", "int8"]
+TASKS: tuple[Task, ...] = ("embed", "fill-mask", "classify")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    cls: int
+    sep: int
+    pad: int
+    mask: int | None
+    unk: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the worker needs to know about an exported model."""
+
+    task: Task
+    source: str
+    max_length: int
+    special_tokens: SpecialTokens
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    opset: int
+    pooling: Pooling | None = None
+    normalize: bool = False
+    layers: Layers | None = None
+    token_embeddings: bool = False
+    embedding_dim: int | None = None
+    top_k: int | None = None
+    id2label: dict[int, str] | None = None
+    precision: Precision = "fp32"
+    optimized: bool = False
+    validation: dict[str, Any] = field(default_factory=dict)
+    model_file: str = MODEL_FILE
+    tokenizer_file: str = TOKENIZER_FILE
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def validated(self) -> bool:
+        return bool(self.validation.get("passed"))
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if self.id2label is not None:
+            data["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"manifest format_version {version!r}, this bertbatch reads {FORMAT_VERSION}")
+        data["special_tokens"] = SpecialTokens(**data["special_tokens"])
+        data["inputs"] = tuple(data["inputs"])
+        data["outputs"] = tuple(data["outputs"])
+        if data.get("id2label") is not None:
+            data["id2label"] = {int(k): v for k, v in data["id2label"].items()}
+        return cls(**data)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write the manifest atomically, so a crash never leaves half a file."""
+    target = directory / MANIFEST_NAME
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(manifest.to_json() + "\n", encoding="utf-8")
+    os.replace(temporary, target)
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Read a model directory's manifest. Raises FileNotFoundError or ValueError."""
+    return Manifest.from_json((directory / MANIFEST_NAME).read_text(encoding="utf-8"))

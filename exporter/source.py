@@ -1,0 +1,197 @@
+"""Resolve and load a checkpoint: a hub id, a local directory or a sentence-transformers directory.
+
+Loading goes through transformers the way a user's own code would, with remote
+code refused and weights loaded safely (safetensors, or ``weights_only`` pickles).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporter.architectures import ArchitectureSpec, architecture_for
+from exporter.errors import SourceError
+from exporter.manifest import Pooling, Task
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+# What a hub download needs; never *.bin pickles when safetensors exist, never ONNX or other frameworks.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", "1_Pooling/*", "2_Normalize/*"]
+
+
+@dataclass(frozen=True)
+class SentenceTransformersSettings:
+    """Defaults read from a sentence-transformers directory."""
+
+    pooling: Pooling
+    normalize: bool
+    max_seq_length: int | None
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A checkpoint found on disk."""
+
+    given: str  # as the user wrote it; recorded in the manifest
+    transformer_dir: Path
+    sentence_transformers: SentenceTransformersSettings | None
+
+
+def resolve_source(source: str) -> ResolvedSource:
+    """Find the checkpoint on disk, downloading from the hub only when it is not a local path."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{source}: not a directory; give a checkpoint directory or a hub model id")
+        root = path.resolve()
+    else:
+        root = _download(source)
+    modules_file = root / "modules.json"
+    if modules_file.is_file():
+        return _resolve_sentence_transformers(source, root, modules_file)
+    if not (root / "config.json").is_file():
+        raise SourceError(f"{source}: no config.json in {root}; is this a Hugging Face checkpoint directory?")
+    return ResolvedSource(given=source, transformer_dir=root, sentence_transformers=None)
+
+
+def _download(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as error:  # the hub client raises many types; all mean "not available"
+        raise SourceError(
+            f"{model_id}: not a local directory, and not available from the Hugging Face hub or its cache "
+            f"({type(error).__name__}: {error}). Offline, pass a local checkpoint directory."
+        ) from error
+
+
+def _resolve_sentence_transformers(source: str, root: Path, modules_file: Path) -> ResolvedSource:
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    transformer_dir: Path | None = None
+    pooling: Pooling = "mean"
+    normalize = False
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        module_dir = root / module.get("path", "")
+        if kind == "Transformer":
+            transformer_dir = module_dir
+        elif kind == "Pooling":
+            pooling = _read_pooling(source, module_dir / "config.json")
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise SourceError(
+                f"{source}: sentence-transformers module {module['type']!r} is not supported "
+                "(bertbatch exports Transformer, Pooling and Normalize pipelines)"
+            )
+    if transformer_dir is None:
+        raise SourceError(f"{source}: modules.json has no Transformer module")
+    max_seq_length = None
+    for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
+        settings_file = transformer_dir / name
+        if settings_file.is_file():
+            max_seq_length = json.loads(settings_file.read_text(encoding="utf-8")).get("max_seq_length")
+    return ResolvedSource(
+        given=source,
+        transformer_dir=transformer_dir,
+        sentence_transformers=SentenceTransformersSettings(pooling, normalize, max_seq_length),
+    )
+
+
+def _read_pooling(source: str, config_file: Path) -> Pooling:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("pooling_mode_mean_tokens"):
+        chosen: Pooling = "mean"
+    elif config.get("pooling_mode_cls_token"):
+        chosen = "cls"
+    else:
+        raise SourceError(f"{source}: pooling in {config_file} is not mean or cls; pass --pooling explicitly")
+    others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and not k.endswith(("mean_tokens", "cls_token"))]
+    if others or (config.get("pooling_mode_mean_tokens") and config.get("pooling_mode_cls_token")):
+        raise SourceError(f"{source}: combined pooling modes in {config_file} are not supported")
+    return chosen
+
+
+def load_config(resolved: ResolvedSource) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolved.transformer_dir, trust_remote_code=False)
+    except Exception as error:  # transformers raises ValueError/OSError/KeyError for bad configs
+        raise SourceError(f"{resolved.given}: cannot read config: {error}") from error
+
+
+def load_model(resolved: ResolvedSource, task: Task) -> tuple[Any, ArchitectureSpec]:
+    """Load the PyTorch model for ``task`` in eval mode, refusing checkpoints with missing head weights."""
+    import transformers
+
+    config = load_config(resolved)
+    architecture = architecture_for(config.model_type, resolved.given)
+    model_class = {
+        "embed": transformers.AutoModel,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "classify": transformers.AutoModelForSequenceClassification,
+    }[task]
+    try:
+        model, loading_info = model_class.from_pretrained(
+            resolved.transformer_dir,
+            trust_remote_code=False,
+            output_loading_info=True,
+            # Eager attention exports to the plain MatMul/Softmax pattern that
+            # onnxruntime's transformer optimizer knows how to fuse.
+            attn_implementation="eager",
+        )
+    except Exception as error:  # OSError for missing weights, ValueError for unsafe pickles, ...
+        raise SourceError(f"{resolved.given}: cannot load weights for task {task!r}: {error}") from error
+    _refuse_missing_head(resolved.given, task, architecture, loading_info.get("missing_keys", []))
+    model.eval()
+    return model, architecture
+
+
+def _refuse_missing_head(source: str, task: Task, architecture: ArchitectureSpec, missing: list[str]) -> None:
+    # A head that transformers had to initialise randomly would export fine and
+    # predict noise: refuse it instead of producing a plausible-looking model.
+    prefix = {"fill-mask": architecture.masked_lm_head_prefix, "classify": architecture.classifier_head_prefix}.get(task)
+    tied = {f"{architecture.masked_lm_head_prefix}predictions.decoder.weight"}
+    head_missing = [k for k in missing if prefix and k.startswith(prefix) and k not in tied]
+    if head_missing:
+        what = "a masked-LM" if task == "fill-mask" else "a fine-tuned sequence classifier"
+        raise SourceError(
+            f"{source}: is not {what} checkpoint: weights {', '.join(sorted(head_missing)[:4])} are missing "
+            "and would be random"
+        )
+
+
+def load_tokenizer(resolved: ResolvedSource) -> Tokenizer:
+    """The fast tokenizer, with padding and truncation switched off (the worker sets them per run)."""
+    from tokenizers import Tokenizer
+
+    tokenizer_file = resolved.transformer_dir / "tokenizer.json"
+    if tokenizer_file.is_file():
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            fast = AutoTokenizer.from_pretrained(resolved.transformer_dir, use_fast=True, trust_remote_code=False)
+        except Exception as error:
+            raise SourceError(f"{resolved.given}: no tokenizer.json and no tokenizer transformers can load: {error}") from error
+        if not getattr(fast, "is_fast", False):
+            raise SourceError(f"{resolved.given}: only a slow tokenizer is available; bertbatch needs a fast one")
+        tokenizer = fast.backend_tokenizer
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def tokenizer_max_length(resolved: ResolvedSource) -> int | None:
+    config_file = resolved.transformer_dir / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    value = json.loads(config_file.read_text(encoding="utf-8")).get("model_max_length")
+    # transformers writes a huge sentinel (1e30) when the length is unknown.
+    return int(value) if isinstance(value, (int, float)) and value < 1_000_000 else None

@@ -1,0 +1,248 @@
+"""Validation of an ONNX export against the PyTorch model it came from.
+
+The inputs look like real batches: rows of different lengths right-padded together,
+batch size 1, several batch sizes and lengths up to the maximum, sentence pairs
+with ``token_type_ids``, and (fill-mask) rows with and without ``[MASK]``.
+Only valid (unpadded) positions are compared. Tolerances are explicit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from exporter.manifest import Task
+from worker.batching import pad_rows
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from torch import nn
+
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "i love kathmandu",
+    "Sinan loves a beautiful day",
+    "Offline batch inference turns GPU time into rows.",
+    "Zürich, Malmö and São Paulo are cities; 東京 is one too.",
+    "A",
+    "",
+    "Parquet files hold columns, and row groups hold a few thousand rows each, compressed with zstd or snappy.",
+    "Why does the model predict this label? Because the training data said so, mostly.",
+    "emoji 🚀 and numbers 3.14159 and e-mail someone@example.com",
+)
+SAMPLE_PAIRS = (
+    ("What is the capital of Nepal?", "Kathmandu is the capital of Nepal."),
+    ("Is it raining?", "No."),
+    ("How are embeddings pooled?", "By averaging the token vectors of the real tokens, ignoring padding."),
+    ("short", "a much longer second segment that goes on for a while to make the pair uneven in length"),
+)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How close the ONNX outputs must be to PyTorch's.
+
+    ``atol``/``rtol`` apply element-wise (numpy ``allclose``). When ``min_cosine`` is
+    set (reduced precision), vectors are compared by cosine similarity instead and
+    probabilities by ``atol`` plus the same top-1 choice except near-ties.
+    """
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_cosine: float | None = None
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    name: str
+    inputs: dict[str, np.ndarray]
+
+
+@dataclass
+class OutputStats:
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    min_cosine: float | None = None
+    mismatches: int = 0
+
+    def merge(self, other: OutputStats) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        if other.min_cosine is not None:
+            self.min_cosine = other.min_cosine if self.min_cosine is None else min(self.min_cosine, other.min_cosine)
+        self.mismatches += other.mismatches
+
+
+@dataclass
+class ValidationReport:
+    passed: bool
+    tolerances: Tolerances
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, OutputStats] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "tolerances": asdict(self.tolerances),
+            "reference": "PyTorch fp32 on CPU",
+            "cases": self.cases,
+            "outputs": {name: asdict(stats) for name, stats in self.outputs.items()},
+            "problems": self.problems,
+        }
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"validation against PyTorch: {'PASSED' if self.passed else 'FAILED'} ({len(self.cases)} cases)"]
+        for name, stats in self.outputs.items():
+            cosine = "" if stats.min_cosine is None else f"  min cosine {stats.min_cosine:.6f}"
+            lines.append(f"  {name:<17} max abs diff {stats.max_abs:.3e}  max rel diff {stats.max_rel:.3e}{cosine}")
+        lines.extend(f"  problem: {problem}" for problem in self.problems[:10])
+        return lines
+
+
+def build_cases(tokenizer: Tokenizer, task: Task, max_length: int, mask_token_id: int | None, pad_id: int) -> list[ValidationCase]:
+    """Real-looking batches; padding differs between rows of a batch on purpose."""
+    tokenizer.enable_truncation(max_length)
+    try:
+        singles = [tokenizer.encode(text) for text in SAMPLE_TEXTS]
+        pairs = [tokenizer.encode(a, b) for a, b in SAMPLE_PAIRS]
+        long_text = " ".join(SAMPLE_TEXTS * (max_length // 8 + 1))
+        longest = tokenizer.encode(long_text)
+        near_max = tokenizer.encode(" ".join(long_text.split()[: max(1, max_length // 2)]))
+    finally:
+        tokenizer.no_truncation()
+
+    def make(name: str, encodings: list[Any]) -> ValidationCase:
+        rows = [list(e.ids) for e in encodings]
+        types = [list(e.type_ids) for e in encodings]
+        if task == "fill-mask" and mask_token_id is not None and not name.startswith("no-mask"):
+            rows = [_with_masks(row, mask_token_id) for row in rows]
+        input_ids, attention_mask, token_type_ids = pad_rows(rows, types, pad_id)
+        return ValidationCase(name, {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids})
+
+    cases = [
+        make("padded-batch", singles),
+        make("batch-1", [singles[0]]),
+        make("batch-1-empty-text", [singles[6]]),
+        make("batch-3", singles[7:10]),
+        make("near-max-length", [longest, singles[1]]),
+        make("long-and-mid", [near_max, longest, singles[3], singles[5]]),
+        make("sentence-pairs", pairs),
+    ]
+    if task == "fill-mask":
+        cases.append(make("no-mask-batch-1", [singles[2]]))
+    return cases
+
+
+def _with_masks(row: list[int], mask_token_id: int) -> list[int]:
+    # Mask the first word and one in the middle; keep [CLS]/[SEP] at the ends.
+    masked = list(row)
+    for position in {1, len(row) // 2}:
+        if 0 < position < len(row) - 1:
+            masked[position] = mask_token_id
+    return masked
+
+
+def reference_outputs(head: nn.Module, case: ValidationCase) -> list[np.ndarray]:
+    import torch
+
+    if head.training or any(module.training for module in head.modules()):
+        raise RuntimeError("the PyTorch reference is in training mode (dropout on); call .eval() first")
+    with torch.inference_mode():
+        outputs = head(*(torch.from_numpy(case.inputs[name]) for name in ("input_ids", "attention_mask", "token_type_ids")))
+    return [output.float().numpy() if output.is_floating_point() else output.numpy() for output in outputs]
+
+
+def compare_case(
+    task: Task,
+    case: ValidationCase,
+    output_names: tuple[str, ...],
+    reference: list[np.ndarray],
+    candidate: list[np.ndarray],
+    tolerances: Tolerances,
+) -> tuple[dict[str, OutputStats], list[str]]:
+    """Compare one case output by output, at valid positions only."""
+    stats: dict[str, OutputStats] = {}
+    problems: list[str] = []
+    by_name = dict(zip(output_names, zip(reference, candidate)))
+    for name, (expected, got) in by_name.items():
+        if expected.shape != got.shape:
+            problems.append(f"{case.name}: output {name!r} has shape {got.shape}, PyTorch gives {expected.shape}")
+            stats[name] = OutputStats(mismatches=1)
+            continue
+        if name == "token_embeddings":
+            valid = case.inputs["attention_mask"].astype(bool)
+            expected, got = expected[valid], got[valid]
+        if name in ("mask_positions",):
+            mismatches = int((expected != got).sum())
+            stats[name] = OutputStats(mismatches=mismatches)
+        elif name == "top_ids":
+            scores_expected, scores_got = by_name["top_scores"]
+            differ = expected != got
+            # A differing id is a near-tie when both picks score the same within tolerance.
+            near_tie = np.isclose(scores_got, scores_expected, atol=tolerances.atol, rtol=tolerances.rtol)
+            mismatches = int((differ & ~near_tie).sum())
+            stats[name] = OutputStats(mismatches=mismatches)
+        else:
+            stats[name] = _numeric_stats(name, expected, got, tolerances)
+        if stats[name].mismatches:
+            problems.append(f"{case.name}: output {name!r} differs from PyTorch at {stats[name].mismatches} place(s) "
+                            f"(max abs diff {stats[name].max_abs:.3e})")
+    return stats, problems
+
+
+def _numeric_stats(name: str, expected: np.ndarray, got: np.ndarray, tolerances: Tolerances) -> OutputStats:
+    expected64, got64 = expected.astype(np.float64), got.astype(np.float64)
+    difference = np.abs(got64 - expected64)
+    max_abs = float(difference.max(initial=0.0))
+    max_rel = float((difference / np.maximum(np.abs(expected64), 1e-6)).max(initial=0.0))
+    if np.isnan(got64).any():
+        return OutputStats(max_abs=float("nan"), max_rel=float("nan"), mismatches=int(np.isnan(got64).sum()))
+    vectors = name in ("embedding", "token_embeddings")
+    if tolerances.min_cosine is not None and vectors:
+        cosine = _row_cosine(expected64.reshape(-1, expected64.shape[-1]), got64.reshape(-1, got64.shape[-1]))
+        min_cosine = float(cosine.min(initial=1.0))
+        return OutputStats(max_abs, max_rel, min_cosine, int((cosine < tolerances.min_cosine).sum()))
+    if tolerances.min_cosine is not None and name == "probs":
+        top1_differs = expected64.argmax(-1) != got64.argmax(-1)
+        sorted_probs = np.sort(expected64, axis=-1)
+        margin = sorted_probs[..., -1] - (sorted_probs[..., -2] if expected64.shape[-1] > 1 else 0.0)
+        mismatches = int((top1_differs & (margin > 2 * tolerances.atol)).sum()) + int((difference > tolerances.atol).any(-1).sum())
+        return OutputStats(max_abs, max_rel, None, mismatches)
+    close = difference <= tolerances.atol + tolerances.rtol * np.abs(expected64)
+    return OutputStats(max_abs, max_rel, None, int((~close).sum()))
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, 1e-12)
+
+
+def validate_onnx(
+    head: nn.Module,
+    onnx_path: Path,
+    task: Task,
+    output_names: tuple[str, ...],
+    cases: list[ValidationCase],
+    tolerances: Tolerances,
+) -> ValidationReport:
+    """Run every case through PyTorch and onnxruntime (CPU) and compare."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    report = ValidationReport(passed=True, tolerances=tolerances)
+    for case in cases:
+        reference = reference_outputs(head, case)
+        candidate = session.run(list(output_names), case.inputs)
+        stats, problems = compare_case(task, case, output_names, reference, candidate, tolerances)
+        report.cases.append({"name": case.name, "shape": list(case.inputs["input_ids"].shape), "passed": not problems})
+        for name, output_stats in stats.items():
+            report.outputs.setdefault(name, OutputStats()).merge(output_stats)
+        report.problems.extend(problems)
+    report.passed = not report.problems
+    return report

@@ -1,0 +1,100 @@
+"""Batching: which rows go together, and padding them into arrays. Pure logic, no I/O.
+
+Rows are sorted by token length inside a window so a batch holds rows of similar
+length (little padding), and batches are cut by a row count and a token budget.
+The caller restores the original order with the row indices each batch carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Model inputs for a set of rows, right-padded to a common length."""
+
+    rows: np.ndarray  # indices into the window the rows came from
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def padded_length(longest: int, multiple_of: int) -> int:
+    """Round up to a multiple (kernels run faster on multiples of 8)."""
+    return max(1, -(-longest // multiple_of) * multiple_of)
+
+
+def pad_rows(
+    token_ids: Sequence[Sequence[int]],
+    type_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    multiple_of: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad rows into ``(input_ids, attention_mask, token_type_ids)`` int64 arrays."""
+    lengths = [len(row) for row in token_ids]
+    width = padded_length(max(lengths, default=1), multiple_of)
+    input_ids = np.full((len(token_ids), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(token_ids), width), dtype=np.int64)
+    token_type_ids = np.zeros((len(token_ids), width), dtype=np.int64)
+    for i, (ids, types) in enumerate(zip(token_ids, type_ids)):
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+        token_type_ids[i, : len(types)] = types
+    return input_ids, attention_mask, token_type_ids
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    max_rows: int,
+    max_tokens: int | None = None,
+    sort_by_length: bool = True,
+    multiple_of: int = 8,
+) -> list[np.ndarray]:
+    """Group row indices into batches.
+
+    A batch holds at most ``max_rows`` rows and, when ``max_tokens`` is set, at most
+    that many padded tokens (rows x padded length). Sorting by length first keeps
+    padding low; a single row longer than the budget still gets a batch of its own.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    lengths_array = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths_array, kind="stable") if sort_by_length else np.arange(len(lengths_array))
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        end = start + 1
+        longest = lengths_array[order[start]]
+        while end < len(order) and end - start < max_rows:
+            candidate_longest = max(longest, lengths_array[order[end]])
+            if max_tokens is not None and (end - start + 1) * padded_length(int(candidate_longest), multiple_of) > max_tokens:
+                break
+            longest = candidate_longest
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def iter_padded_batches(
+    token_ids: Sequence[Sequence[int]],
+    type_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    max_rows: int,
+    max_tokens: int | None = None,
+    sort_by_length: bool = True,
+    multiple_of: int = 8,
+) -> Iterator[PaddedBatch]:
+    """Plan batches over a window of tokenized rows and pad each one."""
+    lengths = [len(row) for row in token_ids]
+    for rows in plan_batches(lengths, max_rows, max_tokens, sort_by_length, multiple_of):
+        arrays = pad_rows([token_ids[i] for i in rows], [type_ids[i] for i in rows], pad_id, multiple_of)
+        yield PaddedBatch(rows, *arrays)

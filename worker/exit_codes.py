@@ -1,0 +1,20 @@
+"""The exit codes of the `bertbatch` CLI: a contract scripts rely on. Documented in README.md."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL_ERROR = 1
+    USAGE_ERROR = 2
+    INPUT_ERROR = 3
+    MODEL_ERROR = 4
+    VALIDATION_FAILED = 5
+    DEVICE_UNAVAILABLE = 6
+    PARTIAL = 7
+    LOCKED = 8
+    OUTPUT_CONFLICT = 9
+    OUTPUT_ERROR = 10
+    INTERRUPTED = 130
