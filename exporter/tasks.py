@@ -52,6 +52,15 @@ def _build_embedding_head(model: Any, architecture: ArchitectureSpec, settings: 
             raise ExportError("--pooling pooler uses the last layer; it cannot be combined with --layers")
         if getattr(model, "pooler", None) is None:
             raise ExportError("--pooling pooler: this checkpoint has no pooler layer; use mean or cls")
+    if settings.layers in ("sum-last-four", "concat-last-four"):
+        # With fewer than four encoder layers, hidden_states[-4:] holds fewer than four tensors
+        # and the graph's embedding size would not be the 4 x hidden the manifest records.
+        layer_count = int(model.config.num_hidden_layers)
+        if layer_count < 4:
+            raise ExportError(
+                f"--layers {settings.layers} needs at least 4 encoder layers; this checkpoint has {layer_count}. "
+                "Use last or second-to-last"
+            )
     return EmbeddingHead(model, settings.pooling, settings.normalize, settings.layers, settings.token_embeddings)
 
 

@@ -182,9 +182,15 @@ def compare_case(
         elif name == "top_ids":
             scores_expected, scores_got = by_name["top_scores"]
             differ = expected != got
-            # A differing id is a near-tie when both picks score the same within tolerance.
-            near_tie = np.isclose(scores_got, scores_expected, atol=tolerances.atol, rtol=tolerances.rtol)
-            mismatches = int((differ & ~near_tie).sum())
+            # A differing id is a near-tie only when PyTorch ranks that same id with a score within
+            # tolerance, or when its score ties PyTorch's k-th score (the tie crosses the top-k cut).
+            # Equal scores alone are not enough: wrong ids with right scores must fail.
+            same_id = got[..., :, None] == expected[..., None, :]
+            same_score = np.isclose(scores_got[..., :, None], scores_expected[..., None, :],
+                                    atol=tolerances.atol, rtol=tolerances.rtol)
+            listed_tie = (same_id & same_score).any(axis=-1)
+            cut_tie = np.isclose(scores_got, scores_expected[..., -1:], atol=tolerances.atol, rtol=tolerances.rtol)
+            mismatches = int((differ & ~(listed_tie | cut_tie)).sum())
             stats[name] = OutputStats(mismatches=mismatches)
         else:
             stats[name] = _numeric_stats(name, expected, got, tolerances)

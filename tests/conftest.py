@@ -24,15 +24,15 @@ def _save_tiny(directory: Path, model_class_name: str, **config_overrides: objec
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        **config_overrides,
-    )
+    settings: dict[str, object] = {
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    }
+    config = transformers.BertConfig(**{**settings, **config_overrides})
     model = getattr(transformers, model_class_name)(config)
     model.save_pretrained(directory)
     # The real bert-base-uncased vocabulary, so token ids in tests are the published ones.
@@ -44,6 +44,12 @@ def _save_tiny(directory: Path, model_class_name: str, **config_overrides: objec
 @pytest.fixture(scope="session")
 def tiny_base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny-base"), "BertModel")
+
+
+@pytest.fixture(scope="session")
+def tiny_four_layer_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BertModel with the four encoder layers that ``--layers *-last-four`` needs."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-four-layer"), "BertModel", num_hidden_layers=4)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,192 @@
+"""The `bertbatch` command line: parses arguments, builds one config, calls one library function.
+
+Errors of the library become one line on stderr and a documented exit code
+(``worker/exit_codes.py``); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from worker.exit_codes import ExitCode
+
+app = typer.Typer(
+    name="bertbatch",
+    help="Export BERT checkpoints to validated ONNX and run them over Parquet datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Task = Literal["embed", "fill-mask", "classify"]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+
+
+def _stderr(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@contextmanager
+def _errors_to_exit_codes(debug: bool) -> Iterator[None]:
+    from exporter.errors import ExportError
+    from worker.errors import WorkerError
+
+    try:
+        yield
+    except (WorkerError, ExportError) as error:
+        if debug:
+            traceback.print_exc()
+        _stderr(f"error: {error}")
+        raise typer.Exit(code=int(error.exit_code)) from None
+    except KeyboardInterrupt:
+        _stderr("interrupted: finished shards are kept; run the same command again to resume")
+        raise typer.Exit(code=int(ExitCode.INTERRUPTED)) from None
+    except typer.Exit:
+        raise
+    except Exception as error:  # the last resort: still one line, and a distinct code
+        if debug:
+            traceback.print_exc()
+        _stderr(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)")
+        raise typer.Exit(code=int(ExitCode.INTERNAL_ERROR)) from None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    # Cron and queue supervisors stop jobs with SIGTERM: treat it like Ctrl-C so the
+    # current shard is abandoned cleanly. Installed by the CLI only, never by the library.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="Hugging Face model id, checkpoint directory or sentence-transformers directory.")],
+    task: Annotated[Task, typer.Option(help="What the exported model computes.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write (e.g. models/NAME).")],
+    pooling: Annotated[Optional[Literal["mean", "cls", "pooler"]], typer.Option(help="embed: pooling (default: the sentence-transformers setting, else mean).")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="embed: L2-normalise embeddings (default: the sentence-transformers setting, else off).")] = None,
+    layers: Annotated[Literal["last", "second-to-last", "sum-last-four", "concat-last-four"], typer.Option(help="embed: hidden layers that feed the pooling.")] = "last",
+    token_embeddings: Annotated[bool, typer.Option("--token-embeddings", help="embed: also emit per-token vectors with their tokens.")] = False,
+    top_k: Annotated[int, typer.Option(help="fill-mask: fills kept per [MASK] in the graph.")] = 5,
+    max_length: Annotated[Optional[int], typer.Option(help="Maximum tokens per row (default: the checkpoint's).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    atol: Annotated[Optional[float], typer.Option(help="Loosen validation: absolute tolerance (default 1e-4).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Loosen validation: relative tolerance (default 1e-3).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model directory.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Export a checkpoint to ONNX and validate it against PyTorch."""
+    with _errors_to_exit_codes(debug):
+        from exporter.export import ExportConfig, export_model, with_tolerances
+
+        config = ExportConfig(
+            source=source,
+            task=task,
+            out=out,
+            pooling=pooling,
+            normalize=normalize,
+            layers=layers,
+            token_embeddings=token_embeddings,
+            top_k=top_k,
+            max_length=max_length,
+            opset=opset,
+            overwrite=overwrite,
+        )
+        export_model(with_tolerances(config, atol, rtol), log=_stderr)
+
+
+@app.command()
+def validate(
+    directory: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: the export's).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: the export's).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Re-run an export's validation against its source checkpoint."""
+    with _errors_to_exit_codes(debug):
+        from exporter.export import revalidate
+        from exporter.manifest import read_manifest
+        from exporter.validation import Tolerances
+
+        tolerances = None
+        if atol is not None or rtol is not None:
+            recorded = read_manifest(directory).validation.get("tolerances", {})
+            tolerances = Tolerances(**{**recorded, **({"atol": atol} if atol is not None else {}), **({"rtol": rtol} if rtol is not None else {})})
+        revalidate(directory, tolerances, log=_stderr)
+
+
+@app.command()
+def run(
+    input: Annotated[str, typer.Option("--input", help="A Parquet file, a directory of them, or a glob.")],
+    output: Annotated[Path, typer.Option(help="Output directory for result shards.")],
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")],
+    model: Annotated[Optional[Path], typer.Option(help="Exported model directory (default: the embedded all-MiniLM-L6-v2).")] = None,
+    text_pair_column: Annotated[Optional[str], typer.Option(help="Column holding the second segment of sentence pairs.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="Column identifying rows (checked to exist; passed through).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Most rows per model call.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Most padded tokens per model call (token-budget batching).")] = 16384,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate rows to this many tokens (default: the model's).")] = None,
+    device: Annotated[Literal["auto", "cuda", "cpu"], typer.Option(help="auto uses CUDA when onnxruntime can, else CPU.")] = "auto",
+    top_k: Annotated[Optional[int], typer.Option(help="fill-mask: fills per [MASK] (at most the export's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for onnxruntime (default: all physical cores).")] = None,
+    rows_per_shard: Annotated[int, typer.Option(help="Rows per output shard, the unit of resumption.")] = 100_000,
+    max_errors: Annotated[Optional[int], typer.Option(help="Give up after this many failed rows (default: never).")] = None,
+    keep_text: Annotated[bool, typer.Option("--keep-text", help="Also copy the text column to the output.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job's output.")] = False,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
+    log_format: Annotated[Literal["text", "json"], typer.Option(help="json: machine-readable progress and summary lines.")] = "text",
+    debug: DebugOption = False,
+) -> None:
+    """Run a model over Parquet text and write results as Parquet."""
+    import json
+
+    with _errors_to_exit_codes(debug), _sigterm_as_interrupt():
+        from worker.config import RunConfig
+        from worker.default_model import ensure_default_model
+        from worker.job import run_job
+        from worker.progress import ProgressReporter, summary_record, summary_text
+
+        show_bar = sys.stderr.isatty() if progress is None else progress
+        reporter = ProgressReporter(log_format, show_bar)
+        config = RunConfig(
+            model_dir=model if model is not None else ensure_default_model(_stderr),
+            input=input,
+            output=output,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            id_column=id_column,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            device=device,
+            top_k=top_k,
+            threads=threads,
+            rows_per_shard=rows_per_shard,
+            max_errors=max_errors,
+            keep_text=keep_text,
+            overwrite=overwrite,
+            progress=show_bar,
+        )
+        try:
+            summary = run_job(config, progress=reporter.advance, on_start=reporter.start)
+        finally:
+            reporter.close()
+        if log_format == "json":
+            typer.echo(json.dumps(summary_record(summary)))
+        else:
+            typer.echo(summary_text(summary))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,238 @@
+"""A job: input shards -> tokenize -> batch -> run -> decode -> output shards, resumable.
+
+Three stages overlap in threads: reading and tokenizing, running the model, and
+decoding and writing. Each shard is committed atomically and recorded in the
+job file, so a rerun of the same command skips what is done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from worker.batching import PaddedBatch, iter_padded_batches
+from worker.config import RunConfig
+from worker.decode import WindowResults, result_schema, vocabulary_of
+from worker.errors import InputSchemaError, OutputError, TooManyErrors, UsageError
+from worker.jobstate import OutputLock, job_identity, open_job
+from worker.pipeline import in_background
+from worker.runner import ModelDir, Runner, open_model_dir
+from worker.sink import ShardWriter
+from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
+from worker.tokenize import TokenizedWindow, load_tokenizer, tokenize_window
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    output: Path
+    rows: int
+    error_rows: int
+    truncated_rows: int
+    tokens: int
+    seconds: float
+    provider: str
+    shards_written: int
+    shards_skipped: int
+    already_complete: bool = False
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Window:
+    """One record batch of a shard on its way through the stages."""
+
+    shard: Shard
+    table: pa.RecordBatch
+    tokens: TokenizedWindow
+    batches: list[PaddedBatch]
+    results: WindowResults | None = None
+    errors: list[str | None] = field(default_factory=list)
+    last_of_shard: bool = False
+
+
+@dataclass
+class _Counters:
+    rows: int = 0
+    error_rows: int = 0
+    truncated_rows: int = 0
+    tokens: int = 0
+
+
+def run_job(config: RunConfig, progress: Progress | None = None, on_start: Callable[[str, int], None] | None = None) -> JobSummary:
+    """Run (or resume) a job. ``on_start(provider, rows_to_do)`` is called once the session is ready."""
+    started = time.perf_counter()
+    model_dir = open_model_dir(config.model_dir)
+    max_length = _check_options(config, model_dir)
+    files = inspect_inputs(resolve_inputs(config.input), config.text_column, config.text_pair_column, config.id_column)
+    _refuse_column_clashes(config, model_dir, files)
+    shards = plan_shards(files, config.rows_per_shard)
+    try:
+        config.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{config.output}: cannot create the output directory: {error}") from error
+    with OutputLock(config.output):
+        state = open_job(config.output, job_identity(config, model_dir, files), config.overwrite)
+        pending = [shard for shard in shards if shard.name not in state.completed]
+        if state.success_file.is_file() and not pending:
+            return JobSummary(config.output, 0, 0, 0, 0, time.perf_counter() - started, "none", 0, len(shards), True)
+        runner = Runner(model_dir, config.device, config.threads)
+        tokenizer = load_tokenizer(model_dir.tokenizer_file, max_length)
+        vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
+        if on_start:
+            on_start(runner.provider, sum(shard.num_rows for shard in pending))
+        counters = _Counters()
+
+        prepared = in_background(_prepare(config, files, pending, tokenizer, model_dir), name="bertbatch-read")
+        computed = in_background(_compute(prepared, runner, config, vocabulary, model_dir), name="bertbatch-run")
+        writer: ShardWriter | None = None
+        try:
+            for window in computed:
+                if writer is None:
+                    writer = ShardWriter(config.output, window.shard.name)
+                writer.write(_output_table(config, window))
+                _count(counters, window)
+                if progress:
+                    progress(window.table.num_rows)
+                if config.max_errors is not None and counters.error_rows > config.max_errors:
+                    raise TooManyErrors(
+                        f"{counters.error_rows} rows failed, more than --max-errors {config.max_errors}; "
+                        f"{len(state.completed)} finished shards are kept in {config.output}, the current one is dropped"
+                    )
+                if window.last_of_shard:
+                    writer.commit()
+                    state.record(window.shard.name, writer.rows)
+                    writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+        _write_success(state, counters, runner.provider)
+        return JobSummary(
+            output=config.output,
+            rows=counters.rows,
+            error_rows=counters.error_rows,
+            truncated_rows=counters.truncated_rows,
+            tokens=counters.tokens,
+            seconds=time.perf_counter() - started,
+            provider=runner.provider,
+            shards_written=len(pending),
+            shards_skipped=len(shards) - len(pending),
+        )
+
+
+def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
+    manifest = model_dir.manifest
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.max_length is not None and not 2 <= config.max_length <= manifest.max_length:
+        raise UsageError(f"--max-length must be between 2 and the model's {manifest.max_length}, got {config.max_length}")
+    if config.top_k is not None:
+        if manifest.task != "fill-mask":
+            raise UsageError(f"--top-k applies to fill-mask models; {model_dir.path} is a {manifest.task} model")
+        if not 1 <= config.top_k <= (manifest.top_k or 0):
+            raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
+    return config.max_length or manifest.max_length
+
+
+def _refuse_column_clashes(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> None:
+    # Passed-through columns are never silently replaced by result columns.
+    results = {field.name for field in result_schema(model_dir.manifest)}
+    for input_file in files:
+        kept = set(input_file.columns) - (set() if config.keep_text else {config.text_column})
+        clash = sorted(kept & results)
+        if clash:
+            raise InputSchemaError(
+                f"{input_file.path}: column(s) {', '.join(clash)} would be overwritten by results; rename them first"
+            )
+
+
+def _prepare(
+    config: RunConfig, files: list[InputFile], shards: list[Shard], tokenizer: object, model_dir: ModelDir
+) -> Iterator[_Window]:
+    """Stage 1: read a shard's record batches, tokenize them, plan and pad batches."""
+    pad_id = model_dir.manifest.special_tokens.pad
+    for shard in shards:
+        batches = list(read_shard(files[shard.file_index], shard, config.read_batch_rows))
+        for position, table in enumerate(batches):
+            texts = table.column(config.text_column).to_pylist()
+            pairs = table.column(config.text_pair_column).to_pylist() if config.text_pair_column else None
+            tokens = tokenize_window(tokenizer, texts, pairs)  # type: ignore[arg-type]
+            padded = list(
+                iter_padded_batches(tokens.token_ids, tokens.type_ids, pad_id, config.batch_size, config.max_tokens)
+            )
+            yield _Window(shard, table, tokens, padded, last_of_shard=position == len(batches) - 1)
+
+
+def _compute(windows: Iterator[_Window], runner: Runner, config: RunConfig, vocabulary: list[str], model_dir: ModelDir) -> Iterator[_Window]:
+    """Stage 2: run every batch of a window; a failing batch is split until the bad row is isolated."""
+    for window in windows:
+        window.results = WindowResults(model_dir.manifest, window.table.num_rows, config.top_k, vocabulary)
+        window.errors = [_null_note(config) if null else None for null in window.tokens.null]
+        for batch in window.batches:
+            _run_splitting(runner, batch, window)
+        yield window
+
+
+def _run_splitting(runner: Runner, batch: PaddedBatch, window: _Window) -> None:
+    try:
+        outputs = runner.run(batch)
+    except Exception as error:  # onnxruntime raises its own types for OOM and kernel failures
+        if len(batch.rows) == 1:
+            window.errors[int(batch.rows[0])] = f"inference failed: {type(error).__name__}: {error}"
+            window.tokens.null[batch.rows[0]] = True
+            return
+        half = len(batch.rows) // 2
+        for part in (slice(0, half), slice(half, None)):
+            _run_splitting(runner, _sub_batch(batch, part), window)
+        return
+    assert window.results is not None
+    window.results.add(batch, outputs)
+
+
+def _sub_batch(batch: PaddedBatch, part: slice) -> PaddedBatch:
+    mask = batch.attention_mask[part]
+    width = max(1, int(mask.sum(axis=1).max()))
+    return PaddedBatch(batch.rows[part], batch.input_ids[part, :width], mask[:, :width], batch.token_type_ids[part, :width])
+
+
+def _null_note(config: RunConfig) -> str:
+    columns = [config.text_column] + ([config.text_pair_column] if config.text_pair_column else [])
+    return f"null text in column {' or '.join(repr(c) for c in columns)}"
+
+
+def _output_table(config: RunConfig, window: _Window) -> pa.Table:
+    assert window.results is not None
+    table = window.table
+    if not config.keep_text:
+        table = table.drop_columns([config.text_column])
+    columns = window.results.columns(window.tokens.null, window.tokens.token_ids, window.errors)
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return pa.Table.from_batches([table])
+
+
+def _count(counters: _Counters, window: _Window) -> None:
+    counters.rows += window.table.num_rows
+    counters.error_rows += sum(error is not None for error in window.errors)
+    counters.truncated_rows += int(window.tokens.truncated.sum())
+    counters.tokens += int(np.sum(window.tokens.lengths))
+
+
+def _write_success(state: object, counters: _Counters, provider: str) -> None:
+    import json
+
+    path: Path = state.success_file  # type: ignore[attr-defined]
+    path.write_text(json.dumps({"rows_this_run": counters.rows, "error_rows_this_run": counters.error_rows, "provider": provider}) + "\n")

@@ -1,0 +1,142 @@
+"""Job bookkeeping in the output directory: identity, completed shards, the lock, ``_SUCCESS``.
+
+``_bertbatch_job.json`` records the job's parameters and every committed shard.
+Running the same command again resumes; different parameters are refused
+unless ``--overwrite``. ``_SUCCESS`` marks a finished job.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from worker.config import RunConfig
+from worker.errors import JobLocked, OutputConflict, OutputError
+from worker.runner import ModelDir
+from worker.sink import fsync_directory, remove_stale_temporaries
+from worker.source import InputFile
+
+JOB_FILE = "_bertbatch_job.json"
+SUCCESS_FILE = "_SUCCESS"
+LOCK_FILE = ".bertbatch.lock"
+
+
+def model_fingerprint(model_dir: ModelDir) -> str:
+    digest = hashlib.sha256(model_dir.manifest.to_json().encode())
+    with open(model_dir.model_file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> dict[str, Any]:
+    """What makes two runs the same job: everything that changes the output rows."""
+    return {
+        "model_fingerprint": model_fingerprint(model_dir),
+        "task": model_dir.manifest.task,
+        "text_column": config.text_column,
+        "text_pair_column": config.text_pair_column,
+        "id_column": config.id_column,
+        "max_length": config.max_length,
+        "top_k": config.top_k,
+        "keep_text": config.keep_text,
+        "rows_per_shard": config.rows_per_shard,
+        "inputs": [{"path": str(f.path.resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files],
+    }
+
+
+@dataclass
+class JobState:
+    output: Path
+    identity: dict[str, Any]
+    completed: dict[str, int] = field(default_factory=dict)  # shard name -> rows
+
+    def save(self) -> None:
+        target = self.output / JOB_FILE
+        temporary = self.output / f".{JOB_FILE}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({"version": 1, **asdict(self), "output": str(self.output)}, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        fsync_directory(self.output)
+
+    def record(self, shard_name: str, rows: int) -> None:
+        self.completed[shard_name] = rows
+        self.save()
+
+    @property
+    def success_file(self) -> Path:
+        return self.output / SUCCESS_FILE
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``flock`` on the output directory, held for the whole job."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = output / LOCK_FILE
+        self._handle: IO[str] | None = None
+
+    def __enter__(self) -> OutputLock:
+        self._handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "another process"
+            self._handle.close()
+            raise JobLocked(f"{self.path.parent}: locked by {holder}; another bertbatch run is writing this output") from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()}\n")
+        self._handle.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+
+
+def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobState:
+    """Start or resume the job in ``output`` (the caller holds the lock)."""
+    job_file = output / JOB_FILE
+    remove_stale_temporaries(output)
+    if job_file.is_file():
+        previous = json.loads(job_file.read_text(encoding="utf-8"))
+        if previous.get("identity") == identity:
+            completed = {name: rows for name, rows in previous.get("completed", {}).items() if (output / name).is_file()}
+            return JobState(output, identity, completed)
+        if not overwrite:
+            changed = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
+            raise OutputConflict(
+                f"{output}: holds a different job (changed: {', '.join(changed)}); "
+                "use another --output, or --overwrite to replace it"
+            )
+        _clear_outputs(output)
+    elif any(p.name != LOCK_FILE for p in output.iterdir()):
+        if not overwrite:
+            raise OutputConflict(f"{output}: is not empty and holds no bertbatch job; use another --output or --overwrite")
+        _clear_outputs(output)
+    state = JobState(output, identity)
+    state.save()
+    return state
+
+
+def _clear_outputs(output: Path) -> None:
+    for path in output.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as error:
+            raise OutputError(f"{path}: cannot remove it for --overwrite: {error}") from error

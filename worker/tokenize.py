@@ -1,0 +1,55 @@
+"""Tokenizing text with the model directory's ``tokenizer.json`` (the Rust ``tokenizers`` library)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from worker.errors import ModelDirError
+
+
+@dataclass(frozen=True)
+class TokenizedWindow:
+    """Token ids of a window of rows. Null texts are tokenized as empty and flagged."""
+
+    token_ids: list[list[int]]
+    type_ids: list[list[int]]
+    truncated: np.ndarray  # bool per row
+    null: np.ndarray  # bool per row
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.token_ids), dtype=np.int64, count=len(self.token_ids))
+
+
+def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
+    """Load ``tokenizer.json`` with truncation at ``max_length`` and no padding (batching pads)."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for bad files
+        raise ModelDirError(f"{path}: cannot load tokenizer: {error}") from error
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def tokenize_window(
+    tokenizer: Tokenizer, texts: Sequence[str | None], pairs: Sequence[str | None] | None = None
+) -> TokenizedWindow:
+    """Tokenize a window of texts (and optional second segments) in one parallel call."""
+    null = np.fromiter((text is None for text in texts), dtype=bool, count=len(texts))
+    if pairs is None:
+        encodings = tokenizer.encode_batch([text or "" for text in texts])
+    else:
+        null |= np.fromiter((pair is None for pair in pairs), dtype=bool, count=len(pairs))
+        encodings = tokenizer.encode_batch([(text or "", pair or "") for text, pair in zip(texts, pairs)])
+    return TokenizedWindow(
+        token_ids=[encoding.ids for encoding in encodings],
+        type_ids=[encoding.type_ids for encoding in encodings],
+        truncated=np.fromiter((bool(encoding.overflowing) for encoding in encodings), dtype=bool, count=len(encodings)),
+        null=null,
+    )
