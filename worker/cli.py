@@ -6,16 +6,23 @@ Errors of the library become one line on stderr and a documented exit code
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import signal
+import socket
 import sys
+import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
+from worker.config import RunConfig
 from worker.exit_codes import ExitCode
 
 app = typer.Typer(
@@ -34,6 +41,11 @@ def _stderr(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _one_line(error: BaseException) -> str:
+    # Messages quoting pyarrow, onnxruntime or transformers can span lines; the CLI promises one.
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 @contextmanager
 def _errors_to_exit_codes(debug: bool) -> Iterator[None]:
     from exporter.errors import ExportError
@@ -44,7 +56,7 @@ def _errors_to_exit_codes(debug: bool) -> Iterator[None]:
     except (WorkerError, ExportError) as error:
         if debug:
             traceback.print_exc()
-        _stderr(f"error: {error}")
+        _stderr(f"error: {_one_line(error)}")
         raise typer.Exit(code=int(error.exit_code)) from None
     except KeyboardInterrupt:
         _stderr("interrupted: finished shards are kept; run the same command again to resume")
@@ -54,7 +66,7 @@ def _errors_to_exit_codes(debug: bool) -> Iterator[None]:
     except Exception as error:  # the last resort: still one line, and a distinct code
         if debug:
             traceback.print_exc()
-        _stderr(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)")
+        _stderr(f"internal error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)")
         raise typer.Exit(code=int(ExitCode.INTERNAL_ERROR)) from None
 
 
@@ -67,6 +79,23 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_stop(stop: threading.Event) -> Iterator[None]:
+    # serve: the first SIGTERM or Ctrl-C asks for a clean stop at the next batch boundary;
+    # a second one interrupts at once. Installed by the CLI only, never by the library.
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()  # no printing here: a handler may run in the middle of another write to stderr
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @app.command()
@@ -126,8 +155,7 @@ def validate(
         revalidate(directory, tolerances, log=_stderr)
 
 
-@app.command()
-def run(
+def _run_config(
     input: Annotated[str, typer.Option("--input", help="A Parquet file, a directory of them, or a glob.")],
     output: Annotated[Path, typer.Option(help="Output directory for result shards.")],
     text_column: Annotated[str, typer.Option(help="Column holding the text.")],
@@ -144,6 +172,67 @@ def run(
     max_errors: Annotated[Optional[int], typer.Option(help="Give up after this many failed rows (default: never).")] = None,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Also copy the text column to the output.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job's output.")] = False,
+) -> RunConfig:
+    """The job options ``run`` and ``submit`` share, as the one RunConfig (defined once, so they cannot drift)."""
+    from worker.default_model import ensure_default_model
+
+    return RunConfig(
+        model_dir=model if model is not None else ensure_default_model(_stderr),
+        input=input,
+        output=output,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        id_column=id_column,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        max_length=max_length,
+        device=device,
+        top_k=top_k,
+        threads=threads,
+        rows_per_shard=rows_per_shard,
+        max_errors=max_errors,
+        keep_text=keep_text,
+        overwrite=overwrite,
+    )
+
+
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command(config, **own_options)`` the options of ``_run_config``, followed by its own.
+
+    Typer reads the wrapper's signature; the wrapper builds the RunConfig (inside the error
+    handling: it may export the default model) and calls the command with it.
+    """
+    shared = list(inspect.signature(_run_config, eval_str=True).parameters.values())
+    own = [parameter for name, parameter in inspect.signature(command, eval_str=True).parameters.items() if name != "config"]
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> None:
+        own_options = {parameter.name: options.pop(parameter.name) for parameter in own}
+        with _errors_to_exit_codes(own_options.get("debug", False)):
+            config = _run_config(**options)
+        command(config, **own_options)
+
+    keyword_only = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in [*shared, *own]]
+    wrapper.__signature__ = inspect.Signature(keyword_only)  # type: ignore[attr-defined]
+    return wrapper
+
+
+LogFormatOption = Annotated[Literal["text", "json"], typer.Option(help="json: machine-readable lines.")]
+QueueOption = Annotated[str, typer.Option("--queue", envvar="BERTBATCH_QUEUE", help="The job queue, redis://HOST:PORT/DB.")]
+AllowRootOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--allow-root",
+        envvar="BERTBATCH_ALLOW_ROOT",
+        help="A directory queued jobs may read and write (repeatable; the variable takes a :-separated list).",
+    ),
+]
+
+
+@app.command()
+@_with_run_options
+def run(
+    config: RunConfig,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
     log_format: Annotated[Literal["text", "json"], typer.Option(help="json: machine-readable progress and summary lines.")] = "text",
     debug: DebugOption = False,
@@ -152,40 +241,96 @@ def run(
     import json
 
     with _errors_to_exit_codes(debug), _sigterm_as_interrupt():
-        from worker.config import RunConfig
-        from worker.default_model import ensure_default_model
         from worker.job import run_job
         from worker.progress import ProgressReporter, summary_record, summary_text
 
         show_bar = sys.stderr.isatty() if progress is None else progress
         reporter = ProgressReporter(log_format, show_bar)
-        config = RunConfig(
-            model_dir=model if model is not None else ensure_default_model(_stderr),
-            input=input,
-            output=output,
-            text_column=text_column,
-            text_pair_column=text_pair_column,
-            id_column=id_column,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            max_length=max_length,
-            device=device,
-            top_k=top_k,
-            threads=threads,
-            rows_per_shard=rows_per_shard,
-            max_errors=max_errors,
-            keep_text=keep_text,
-            overwrite=overwrite,
-            progress=show_bar,
-        )
         try:
-            summary = run_job(config, progress=reporter.advance, on_start=reporter.start)
+            summary = run_job(replace(config, progress=show_bar), progress=reporter.advance, on_start=reporter.start)
         finally:
             reporter.close()
         if log_format == "json":
             typer.echo(json.dumps(summary_record(summary)))
         else:
             typer.echo(summary_text(summary))
+
+
+@app.command()
+@_with_run_options
+def submit(
+    config: RunConfig,
+    queue: QueueOption,
+    allow_root: AllowRootOption,
+    log_format: LogFormatOption = "text",
+    debug: DebugOption = False,
+) -> None:
+    """Check a job as `run` would and queue it for `bertbatch serve`; prints the job id."""
+    import json
+
+    with _errors_to_exit_codes(debug):
+        from worker.submit import submit_job
+
+        job_id = submit_job(config, queue, allow_root)
+    typer.echo(json.dumps({"event": "submitted", "job": job_id}) if log_format == "json" else job_id)
+
+
+@app.command()
+def serve(
+    queue: QueueOption,
+    allow_root: AllowRootOption,
+    lease_seconds: Annotated[float, typer.Option(help="A job whose worker stops renewing its lease for this long is re-delivered.")] = 30.0,
+    max_attempts: Annotated[int, typer.Option(help="Failed attempts after which a job goes to the dead-letter list.")] = 3,
+    poll_seconds: Annotated[float, typer.Option(help="How often an idle worker looks for a job.")] = 1.0,
+    worker_id: Annotated[Optional[str], typer.Option(help="This worker's name in the queue (default: HOST:PID).")] = None,
+    log_format: LogFormatOption = "text",
+    debug: DebugOption = False,
+) -> None:
+    """Run queued jobs until SIGTERM, which stops at a batch boundary and hands the job back to the queue."""
+    with _errors_to_exit_codes(debug):
+        from worker.progress import event_logger
+        from worker.serve import ServeConfig
+        from worker.serve import serve as serve_jobs
+
+        config = ServeConfig(
+            queue_url=queue,
+            allow_roots=tuple(allow_root),
+            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}",
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+            poll_seconds=poll_seconds,
+        )
+        stop = threading.Event()
+        with _signals_stop(stop):
+            summary = serve_jobs(config, stop, event_logger("serve", log_format))
+    if summary.released_job:
+        _stderr(f"stopped: job {summary.released_job} went back to the queue; its finished shards are kept")
+
+
+@app.command()
+def status(
+    queue: QueueOption,
+    job: Annotated[Optional[str], typer.Argument(help="A job id from `bertbatch submit` (default: the queue's counts).")] = None,
+    log_format: LogFormatOption = "text",
+    debug: DebugOption = False,
+) -> None:
+    """Show a job's state and progress, or how many jobs are pending, running and dead."""
+    import json
+
+    with _errors_to_exit_codes(debug):
+        from worker.jobqueue import JobQueue, status_record, status_text
+
+        jobs = JobQueue.connect(queue)
+        if job is not None:
+            found = jobs.status(job)
+            typer.echo(json.dumps(status_record(found)) if log_format == "json" else status_text(found))
+            return
+        counts = jobs.counts()
+        if log_format == "json":
+            typer.echo(json.dumps({"event": "queue", **vars(counts)}))
+        else:
+            dead = f" ({', '.join(counts.dead_ids)})" if counts.dead_ids else ""
+            typer.echo(f"{counts.pending} pending, {counts.processing} running, {counts.dead} dead{dead}")
 
 
 if __name__ == "__main__":

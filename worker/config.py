@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_type_hints
 
 Device = Literal["auto", "cuda", "cpu"]
 
@@ -36,3 +36,25 @@ class RunConfig:
     keep_text: bool = False
     overwrite: bool = False
     progress: bool = False
+
+
+def config_to_spec(config: RunConfig) -> dict[str, Any]:
+    """The JSON form of a config (a queued job's spec), paths as strings."""
+    return {item.name: _json_value(getattr(config, item.name)) for item in fields(RunConfig)}
+
+
+def config_from_spec(spec: dict[str, Any]) -> RunConfig:
+    """Rebuild a config from ``config_to_spec``'s form; unknown or missing fields raise ``ValueError``."""
+    hints = get_type_hints(RunConfig)
+    unknown = sorted(set(spec) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)} (a spec from a newer bertbatch?)")
+    try:
+        values: dict[str, Any] = {name: Path(value) if hints[name] is Path else value for name, value in spec.items()}
+        return RunConfig(**values)
+    except TypeError as error:  # a required field is missing
+        raise ValueError(str(error)) from error
+
+
+def _json_value(value: object) -> object:
+    return str(value) if isinstance(value, Path) else value

@@ -98,9 +98,11 @@ class WindowResults:
             probs = self.probs if self.probs is not None else np.zeros((self.num_rows, len(self.manifest.id2label or {})), np.float32)
             label_ids = probs.argmax(axis=1) if probs.shape[1] else np.zeros(self.num_rows, np.int64)
             labels = self.manifest.id2label or {}
-            result["label"] = pa.array([labels.get(int(i), str(int(i))) for i in label_ids], pa.string(), mask=mask)
-            result["label_id"] = pa.array(label_ids.astype(np.int64), mask=mask)
-            result["score"] = pa.array(probs[np.arange(self.num_rows), label_ids].astype(np.float32), mask=mask)
+            # pa.array of a NumPy array takes only a NumPy mask; FixedSizeListArray only an Arrow one.
+            row_mask = null if null.any() else None
+            result["label"] = pa.array([labels.get(int(i), str(int(i))) for i in label_ids], pa.string(), mask=row_mask)
+            result["label_id"] = pa.array(label_ids.astype(np.int64), mask=row_mask)
+            result["score"] = pa.array(probs[np.arange(self.num_rows), label_ids].astype(np.float32), mask=row_mask)
             result["probs"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(probs.reshape(-1)), probs.shape[1], mask=mask
             ).cast(pa.list_(pa.float32()))

@@ -63,6 +63,24 @@ class TooManyErrors(WorkerError):
     exit_code = ExitCode.PARTIAL
 
 
+class PathNotAllowed(WorkerError):
+    """A queued job's model, input or output lies outside every ``--allow-root``."""
+
+    exit_code = ExitCode.PATH_NOT_ALLOWED
+
+
+class QueueError(WorkerError):
+    """The job queue (Redis) is unreachable, or its URL is not a Redis URL."""
+
+    exit_code = ExitCode.QUEUE_ERROR
+
+
+class UnknownJob(WorkerError):
+    """``bertbatch status JOB``: no such job in the queue."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
 class Interrupted(WorkerError):
     """SIGINT/SIGTERM: the current shard was abandoned, finished ones are kept."""
 

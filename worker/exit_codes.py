@@ -17,4 +17,6 @@ class ExitCode(IntEnum):
     LOCKED = 8
     OUTPUT_CONFLICT = 9
     OUTPUT_ERROR = 10
+    PATH_NOT_ALLOWED = 11
+    QUEUE_ERROR = 12
     INTERRUPTED = 130

@@ -7,6 +7,7 @@ job file, so a rerun of the same command skips what is done.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,17 +17,18 @@ import numpy as np
 import pyarrow as pa
 
 from worker.batching import PaddedBatch, iter_padded_batches
-from worker.config import RunConfig
+from worker.config import Device, RunConfig
 from worker.decode import WindowResults, result_schema, vocabulary_of
-from worker.errors import InputSchemaError, OutputError, TooManyErrors, UsageError
+from worker.errors import InputError, InputSchemaError, OutputError, TooManyErrors, UsageError
 from worker.jobstate import OutputLock, job_identity, open_job
 from worker.pipeline import in_background
 from worker.runner import ModelDir, Runner, open_model_dir
-from worker.sink import ShardWriter
-from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
+from worker.sink import TEMP_MARK, ShardWriter
+from worker.source import InputFile, Shard, column_texts, inspect_inputs, plan_shards, read_shard, resolve_inputs
 from worker.tokenize import TokenizedWindow, load_tokenizer, tokenize_window
 
 Progress = Callable[[int], None]
+RunnerFactory = Callable[[ModelDir, Device, int | None], Runner]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class _Window:
     table: pa.RecordBatch
     tokens: TokenizedWindow
     batches: list[PaddedBatch]
+    unreadable: dict[int, str] = field(default_factory=dict)  # row -> error note, for text that is not UTF-8
     results: WindowResults | None = None
     errors: list[str | None] = field(default_factory=list)
     last_of_shard: bool = False
@@ -72,13 +75,32 @@ class _Counters:
     tokens: int = 0
 
 
-def run_job(config: RunConfig, progress: Progress | None = None, on_start: Callable[[str, int], None] | None = None) -> JobSummary:
-    """Run (or resume) a job. ``on_start(provider, rows_to_do)`` is called once the session is ready."""
-    started = time.perf_counter()
+def check_job(config: RunConfig) -> tuple[ModelDir, int, list[InputFile]]:
+    """Every check ``run_job`` makes before it writes anything (model directory, options, input columns).
+
+    ``bertbatch submit`` runs it too, so a queued job fails at submission rather than on a worker.
+    Returns the model directory, the effective max length and the inspected input files.
+    """
     model_dir = open_model_dir(config.model_dir)
     max_length = _check_options(config, model_dir)
-    files = inspect_inputs(resolve_inputs(config.input), config.text_column, config.text_pair_column, config.id_column)
+    files = inspect_inputs(_input_paths(config), config.text_column, config.text_pair_column, config.id_column)
     _refuse_column_clashes(config, model_dir, files)
+    return model_dir, max_length, files
+
+
+def run_job(
+    config: RunConfig,
+    progress: Progress | None = None,
+    on_start: Callable[[str, int], None] | None = None,
+    make_runner: RunnerFactory = Runner,
+) -> JobSummary:
+    """Run (or resume) a job. ``on_start(provider, rows_to_do)`` is called once the session is ready.
+
+    ``make_runner`` builds the onnxruntime session, only when there is work to do; ``bertbatch serve``
+    passes a cache so sessions stay warm across jobs.
+    """
+    started = time.perf_counter()
+    model_dir, max_length, files = check_job(config)
     shards = plan_shards(files, config.rows_per_shard)
     try:
         config.output.mkdir(parents=True, exist_ok=True)
@@ -89,15 +111,18 @@ def run_job(config: RunConfig, progress: Progress | None = None, on_start: Calla
         pending = [shard for shard in shards if shard.name not in state.completed]
         if state.success_file.is_file() and not pending:
             return JobSummary(config.output, 0, 0, 0, 0, time.perf_counter() - started, "none", 0, len(shards), True)
-        runner = Runner(model_dir, config.device, config.threads)
+        state.success_file.unlink(missing_ok=True)  # work is pending (a shard was deleted?): not complete now
+        runner = make_runner(model_dir, config.device, config.threads)
         tokenizer = load_tokenizer(model_dir.tokenizer_file, max_length)
         vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
         if on_start:
             on_start(runner.provider, sum(shard.num_rows for shard in pending))
         counters = _Counters()
 
+        # The read stage is owned by the run stage only, so closing ``computed`` stops both threads.
         prepared = in_background(_prepare(config, files, pending, tokenizer, model_dir), name="bertbatch-read")
         computed = in_background(_compute(prepared, runner, config, vocabulary, model_dir), name="bertbatch-run")
+        del prepared
         writer: ShardWriter | None = None
         try:
             for window in computed:
@@ -119,6 +144,7 @@ def run_job(config: RunConfig, progress: Progress | None = None, on_start: Calla
         finally:
             if writer is not None:
                 writer.abort()
+            computed.close()  # stop and join the stage threads, also when leaving on an error or an interrupt
         _write_success(state, counters, runner.provider)
         return JobSummary(
             output=config.output,
@@ -137,6 +163,10 @@ def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
     manifest = model_dir.manifest
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.rows_per_shard < 1:
+        raise UsageError(f"--rows-per-shard must be at least 1, got {config.rows_per_shard}")
+    if config.max_errors is not None and config.max_errors < 0:
+        raise UsageError(f"--max-errors must be 0 or more, got {config.max_errors}")
     if config.max_length is not None and not 2 <= config.max_length <= manifest.max_length:
         raise UsageError(f"--max-length must be between 2 and the model's {manifest.max_length}, got {config.max_length}")
     if config.top_k is not None:
@@ -145,6 +175,16 @@ def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
         if not 1 <= config.top_k <= (manifest.top_k or 0):
             raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
     return config.max_length or manifest.max_length
+
+
+def _input_paths(config: RunConfig) -> list[Path]:
+    # Files inside the output directory are never inputs: a rerun must not read its own shards
+    # back, and --overwrite must not delete what it is about to read.
+    output = config.output.resolve()
+    paths = [path for path in resolve_inputs(config.input) if not path.resolve().is_relative_to(output)]
+    if not paths:
+        raise InputError(f"{config.input}: every input file is inside the output directory {config.output}; choose another --output")
+    return paths
 
 
 def _refuse_column_clashes(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> None:
@@ -167,13 +207,18 @@ def _prepare(
     for shard in shards:
         batches = list(read_shard(files[shard.file_index], shard, config.read_batch_rows))
         for position, table in enumerate(batches):
-            texts = table.column(config.text_column).to_pylist()
-            pairs = table.column(config.text_pair_column).to_pylist() if config.text_pair_column else None
+            unreadable: dict[int, str] = {}
+            texts, invalid = column_texts(table.column(config.text_column))
+            unreadable.update((row, f"invalid UTF-8 in column {config.text_column!r}") for row in invalid)
+            pairs = None
+            if config.text_pair_column:
+                pairs, invalid = column_texts(table.column(config.text_pair_column))
+                unreadable.update((row, f"invalid UTF-8 in column {config.text_pair_column!r}") for row in invalid)
             tokens = tokenize_window(tokenizer, texts, pairs)  # type: ignore[arg-type]
             padded = list(
                 iter_padded_batches(tokens.token_ids, tokens.type_ids, pad_id, config.batch_size, config.max_tokens)
             )
-            yield _Window(shard, table, tokens, padded, last_of_shard=position == len(batches) - 1)
+            yield _Window(shard, table, tokens, padded, unreadable, last_of_shard=position == len(batches) - 1)
 
 
 def _compute(windows: Iterator[_Window], runner: Runner, config: RunConfig, vocabulary: list[str], model_dir: ModelDir) -> Iterator[_Window]:
@@ -181,6 +226,8 @@ def _compute(windows: Iterator[_Window], runner: Runner, config: RunConfig, voca
     for window in windows:
         window.results = WindowResults(model_dir.manifest, window.table.num_rows, config.top_k, vocabulary)
         window.errors = [_null_note(config) if null else None for null in window.tokens.null]
+        for row, note in window.unreadable.items():  # read as null, but say why
+            window.errors[row] = note
         for batch in window.batches:
             _run_splitting(runner, batch, window)
         yield window
@@ -235,4 +282,11 @@ def _write_success(state: object, counters: _Counters, provider: str) -> None:
     import json
 
     path: Path = state.success_file  # type: ignore[attr-defined]
-    path.write_text(json.dumps({"rows_this_run": counters.rows, "error_rows_this_run": counters.error_rows, "provider": provider}) + "\n")
+    temporary = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps({"rows_this_run": counters.rows, "error_rows_this_run": counters.error_rows, "provider": provider}) + "\n")
+        os.replace(temporary, path)  # a reader sees a whole _SUCCESS or none
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write it: {error}") from error
+    finally:
+        temporary.unlink(missing_ok=True)

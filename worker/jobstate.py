@@ -19,7 +19,7 @@ from typing import IO, Any
 from worker.config import RunConfig
 from worker.errors import JobLocked, OutputConflict, OutputError
 from worker.runner import ModelDir
-from worker.sink import fsync_directory, remove_stale_temporaries
+from worker.sink import TEMP_MARK, fsync_directory, remove_stale_temporaries
 from worker.source import InputFile
 
 JOB_FILE = "_bertbatch_job.json"
@@ -59,13 +59,19 @@ class JobState:
 
     def save(self) -> None:
         target = self.output / JOB_FILE
-        temporary = self.output / f".{JOB_FILE}.tmp-{os.getpid()}"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"version": 1, **asdict(self), "output": str(self.output)}, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-        fsync_directory(self.output)
+        temporary = self.output / f".{JOB_FILE}{TEMP_MARK}{os.getpid()}"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump({"version": 1, **asdict(self), "output": str(self.output)}, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+            fsync_directory(self.output)
+        except OSError as error:
+            raise OutputError(f"{target}: cannot save the job file: {error}") from error
+        finally:
+            # Also on KeyboardInterrupt: never leave a half-written job file behind.
+            temporary.unlink(missing_ok=True)
 
     def record(self, shard_name: str, rows: int) -> None:
         self.completed[shard_name] = rows
@@ -84,7 +90,10 @@ class OutputLock:
         self._handle: IO[str] | None = None
 
     def __enter__(self) -> OutputLock:
-        self._handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            self._handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise OutputError(f"{self.path}: cannot create the lock file: {error}") from error
         try:
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,7 +118,12 @@ def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobStat
     job_file = output / JOB_FILE
     remove_stale_temporaries(output)
     if job_file.is_file():
-        previous = json.loads(job_file.read_text(encoding="utf-8"))
+        try:
+            previous = json.loads(job_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # written atomically, so only damaged by hand
+            if not overwrite:
+                raise OutputConflict(f"{job_file}: unreadable job file ({error}); use --overwrite to start the job again") from error
+            previous = {}
         if previous.get("identity") == identity:
             completed = {name: rows for name, rows in previous.get("completed", {}).items() if (output / name).is_file()}
             return JobState(output, identity, completed)

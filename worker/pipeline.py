@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -20,7 +20,7 @@ class _Failure:
         self.error = error
 
 
-def in_background(items: Iterator[T], depth: int = 2, name: str = "bertbatch-stage") -> Iterator[T]:
+def in_background(items: Iterator[T], depth: int = 2, name: str = "bertbatch-stage") -> Generator[T, None, None]:
     """Yield ``items`` produced by a thread, at most ``depth`` ahead; errors re-raise in the consumer."""
     buffer: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -42,6 +42,11 @@ def in_background(items: Iterator[T], depth: int = 2, name: str = "bertbatch-sta
         except BaseException as error:  # handed to the consumer, which re-raises it
             put(_Failure(error))
             return
+        finally:
+            # Stop the stages upstream of this one too (their threads are joined when they close).
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
         put(_DONE)
 
     thread = threading.Thread(target=produce, name=name, daemon=True)

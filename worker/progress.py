@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from worker.job import JobSummary
@@ -22,7 +23,7 @@ class ProgressReporter:
         self.rows_done = 0
         self.total = 0
         self._started = time.perf_counter()
-        self._last_json = 0.0
+        self._last_json = float("-inf")  # the first progress line comes at once
         self._bar: Any = None
         self._task: Any = None
 
@@ -95,3 +96,16 @@ def summary_text(summary: JobSummary) -> str:
         f"{summary.truncated_rows:,} truncated, {summary.error_rows:,} with errors; "
         f"{summary.shards_written} shards written to {summary.output}{resumed}"
     )
+
+
+def event_logger(source: str, log_format: LogFormat) -> Callable[..., None]:
+    """A ``log(event, **fields)`` for long-running commands: ``source: event k=v ...`` or JSON lines, on stderr."""
+
+    def log(event: str, **fields: object) -> None:
+        if log_format == "json":
+            emit_json({"event": event, "time": round(time.time(), 3), **fields})
+        else:
+            details = " ".join(f"{name}={value}" for name, value in fields.items())
+            print(f"bertbatch {source}: {event} {details}".rstrip(), file=sys.stderr, flush=True)
+
+    return log

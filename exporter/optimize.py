@@ -1,0 +1,316 @@
+"""Optimized variants of an exported graph: fused transformer ops, float16, dynamic int8.
+
+Each step rewrites ``model.onnx`` in place, so a model directory always holds one
+ONNX file, the final variant. float16 and int8 start from the fused graph, as
+onnxruntime recommends: its fused operators are what run fast in reduced precision.
+Every step checks that it did what it must and raises ``OptimizationError``
+otherwise; an "optimized" model whose attention silently stayed unfused is worse
+than none. The in-graph heads (pooling, softmax, top-k, nonzero) are left in
+float32 and are never quantized.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from exporter.errors import ExportError, OptimizationError
+from exporter.manifest import Precision
+
+if TYPE_CHECKING:
+    from onnx import GraphProto, ModelProto
+
+Quantization = Literal["int8"]
+
+# onnxruntime's transformer optimizer: BERT fusions, and only graph rewrites that
+# hold on every execution provider (level 1), so one file serves CPU and GPU.
+OPTIMIZER_MODEL_TYPE = "bert"
+OPTIMIZER_OPT_LEVEL = 1
+ATTENTION_OP_TYPES = ("Attention", "MultiHeadAttention")
+FUSED_OP_TYPES = (
+    "EmbedLayerNormalization",
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "LayerNormalization",
+)
+# The encoder's operators once fused; float16 converts these and nothing else,
+# so the heads (pooling, normalisation, softmax over the vocabulary) stay float32.
+FLOAT16_OP_TYPES = frozenset(
+    {"EmbedLayerNormalization", "Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "MatMul"}
+)
+# Dynamic quantization as Optimum's AutoQuantizationConfig.avx512_vnni / arm64 do it:
+# int8 symmetric per-channel weights, uint8 activations quantized at run time, MatMul
+# only. The fused Attention (Q/K/V projections) stays float32: quantizing it too
+# (QAttention) bought no measurable speed on AVX2 and cost agreement with PyTorch.
+INT8_OP_TYPES = ("MatMul",)
+_QUANTIZED_MATMUL_OP_TYPES = ("MatMulInteger", "DynamicQuantizeMatMul")
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the attention fusion must be told: it cannot reliably detect these itself."""
+
+    num_heads: int
+    hidden_size: int
+    num_layers: int
+
+
+def encoder_shape(model_config: Any) -> EncoderShape:
+    return EncoderShape(
+        num_heads=int(model_config.num_attention_heads),
+        hidden_size=int(model_config.hidden_size),
+        num_layers=int(model_config.num_hidden_layers),
+    )
+
+
+def variant_precision(fp16: bool, quantize: Quantization | None) -> Precision:
+    """The precision of the final graph; float16 and int8 exclude each other."""
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r} is not supported; bertbatch quantizes to int8")
+    if fp16 and quantize is not None:
+        raise ExportError("--fp16 and --quantize int8 exclude each other: fp16 is for GPUs, int8 for CPUs; pick one")
+    if fp16:
+        return "fp16"
+    return "int8" if quantize == "int8" else "fp32"
+
+
+def optimize_onnx(
+    model_path: Path,
+    shape: EncoderShape,
+    fp16: bool = False,
+    quantize: Quantization | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Fuse, then convert to float16 or quantize to int8 if asked; return what the manifest records."""
+    precision = variant_precision(fp16, quantize)
+    log(f"fusing transformer operators with onnxruntime {_onnxruntime_version()} (num_heads {shape.num_heads}, "
+        f"hidden_size {shape.hidden_size})")
+    record = fuse_transformer_ops(model_path, shape)
+    log("  fused: " + ", ".join(f"{op} {n}" for op, n in record["fused"].items() if n))
+    if precision == "fp16":
+        log("converting the encoder to float16 (inputs, outputs and in-graph heads stay float32)")
+        record["float16"] = convert_to_float16(model_path)
+    elif precision == "int8":
+        log("quantizing MatMul weights to int8 (dynamic quantization, per-channel)")
+        record["quantization"] = quantize_to_int8(model_path)
+    return record
+
+
+def fuse_transformer_ops(model_path: Path, shape: EncoderShape) -> dict[str, Any]:
+    """Run onnxruntime's BERT optimizer; raise ``OptimizationError`` unless attention fused in every layer."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    before = onnx.load(str(model_path))
+    try:
+        optimized = optimize_model(
+            str(model_path),
+            model_type=OPTIMIZER_MODEL_TYPE,
+            num_heads=shape.num_heads,
+            hidden_size=shape.hidden_size,
+            opt_level=OPTIMIZER_OPT_LEVEL,
+        )
+    except Exception as error:  # the optimizer asserts and raises many internal types
+        raise OptimizationError(
+            f"{model_path}: onnxruntime's transformer optimizer failed: {type(error).__name__}: {error}"
+        ) from error
+    counts = count_ops(optimized.model)
+    fused = {op: counts.get(op, 0) for op in FUSED_OP_TYPES}
+    attention = sum(fused[op] for op in ATTENTION_OP_TYPES)
+    if attention != shape.num_layers:
+        raise OptimizationError(
+            f"{model_path}: attention fused in {attention} of {shape.num_layers} layers "
+            f"(fused operators: {_describe(fused)}; expected one Attention per layer with num_heads "
+            f"{shape.num_heads}, hidden_size {shape.hidden_size}). The graph does not match the pattern "
+            "onnxruntime's BERT optimizer knows; export without --optimize/--fp16/--quantize, or report the checkpoint."
+        )
+    _check_interface(before, optimized.model, "fusion")
+    optimized.topological_sort()
+    _save_over(optimized.model, model_path)
+    return {
+        "tool": f"onnxruntime.transformers.optimizer {_onnxruntime_version()}",
+        "model_type": OPTIMIZER_MODEL_TYPE,
+        "opt_level": OPTIMIZER_OPT_LEVEL,
+        "num_heads": shape.num_heads,
+        "hidden_size": shape.hidden_size,
+        "layers": shape.num_layers,
+        "fused": fused,
+        # EmbedLayerNormalization turns the 2-D mask into per-row lengths (onnxruntime's
+        # default for BERT, the fast path on GPU): rows must be right-padded, as the worker does.
+        "attention_mask": "mask index: rows must be right-padded",
+    }
+
+
+def convert_to_float16(model_path: Path) -> dict[str, Any]:
+    """Convert the fused encoder to float16, keeping float32 graph inputs, outputs and heads."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    before = onnx.load(str(model_path))
+    present = {node.op_type for node in before.graph.node}
+    if not present & {"Attention", "MultiHeadAttention"}:
+        raise OptimizationError(f"{model_path}: float16 conversion expects the fused graph; fuse it first")
+    kept_float32 = sorted(present - FLOAT16_OP_TYPES)
+    model = OnnxModel(onnx.load(str(model_path)))
+    try:
+        model.convert_float_to_float16(keep_io_types=True, op_block_list=kept_float32)
+    except Exception as error:  # the converter raises AssertionError, ValueError, ...
+        raise OptimizationError(f"{model_path}: float16 conversion failed: {type(error).__name__}: {error}") from error
+    _drop_duplicate_nodes(model.model.graph)
+    removed = _remove_cast_round_trips(model.model.graph)
+    model.prune_graph(allow_remove_graph_inputs=False)
+    model.topological_sort()
+    _check_interface(before, model.model, "float16 conversion")
+    float16 = [t for t in model.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    if not float16:
+        raise OptimizationError(f"{model_path}: float16 conversion left no float16 weights")
+    _save_over(model.model, model_path)
+    return {
+        "float16_op_types": sorted(FLOAT16_OP_TYPES & present),
+        "float32_op_types": kept_float32,
+        "float16_initializers": len(float16),
+        "cast_round_trips_removed": removed,
+    }
+
+
+def quantize_to_int8(model_path: Path) -> dict[str, Any]:
+    """Dynamic int8 quantization of every MatMul with constant weights (``quantize_dynamic``)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    before = onnx.load(str(model_path))
+    initializers = {t.name for t in before.graph.initializer}
+    candidates = sum(1 for n in before.graph.node if n.op_type in INT8_OP_TYPES and n.input[1] in initializers)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=model_path.parent) as scratch:
+        target = Path(scratch) / model_path.name
+        try:
+            quantize_dynamic(
+                model_path,
+                target,
+                op_types_to_quantize=list(INT8_OP_TYPES),
+                per_channel=True,
+                reduce_range=False,
+                weight_type=QuantType.QInt8,
+                # Fused ops (com.microsoft) defeat ONNX shape inference; their outputs are float.
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+            )
+        except Exception as error:
+            raise OptimizationError(f"{model_path}: int8 quantization failed: {type(error).__name__}: {error}") from error
+        after = onnx.load(str(target))
+        quantized = sum(count_ops(after).get(op, 0) for op in _QUANTIZED_MATMUL_OP_TYPES)
+        if candidates == 0 or quantized != candidates:
+            raise OptimizationError(
+                f"{model_path}: int8 quantization converted {quantized} of {candidates} MatMul weights; expected all"
+            )
+        _check_interface(before, after, "int8 quantization")
+        os.replace(target, model_path)
+    return {
+        "method": "dynamic",
+        "tool": f"onnxruntime.quantization.quantize_dynamic {_onnxruntime_version()}",
+        "op_types": list(INT8_OP_TYPES),
+        "weights": "int8, symmetric, per output channel",
+        "activations": "uint8, asymmetric, per tensor, computed at run time",
+        "quantized_matmuls": quantized,
+    }
+
+
+def count_ops(model: ModelProto) -> dict[str, int]:
+    return dict(Counter(node.op_type for node in model.graph.node))
+
+
+def _describe(fused: dict[str, int]) -> str:
+    return ", ".join(f"{op} {n}" for op, n in fused.items() if n) or "none"
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def _interface(model: ModelProto) -> list[tuple[str, str, int]]:
+    return [("input", v.name, v.type.tensor_type.elem_type) for v in model.graph.input] + [
+        ("output", v.name, v.type.tensor_type.elem_type) for v in model.graph.output
+    ]
+
+
+def _check_interface(before: ModelProto, after: ModelProto, step: str) -> None:
+    """The worker relies on the names and types of inputs and outputs; no step may change them."""
+    if _interface(before) != _interface(after):
+        raise OptimizationError(
+            f"{step} changed the graph's inputs/outputs from {_interface(before)} to {_interface(after)}"
+        )
+
+
+def _save_over(model: ModelProto, model_path: Path) -> None:
+    import onnx
+
+    temporary = model_path.with_name(f".{model_path.name}.tmp")
+    onnx.save_model(model, str(temporary))
+    os.replace(temporary, model_path)
+
+
+def _drop_duplicate_nodes(graph: GraphProto) -> None:
+    # The converter names the fp16->fp32 Cast after the tensor it reads, so a tensor
+    # read by two float32 nodes gets two identical Casts: keep one.
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in graph.node:
+        serialized = node.SerializeToString(deterministic=True)
+        if node.name and node.name in seen:
+            if seen[node.name] != serialized:
+                raise OptimizationError(f"float16 conversion produced two different nodes named {node.name!r}")
+            continue
+        seen[node.name] = serialized
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _remove_cast_round_trips(graph: GraphProto) -> int:
+    """Drop the float32 -> float16 -> float32 Cast pairs the converter puts between two float32 nodes.
+
+    The converter casts every float32 node's output to float16 and back before the
+    next float32 node, which would squeeze the heads (a sum over the sequence, say)
+    through float16 after all. See https://github.com/microsoft/onnxconverter-common/issues/271.
+    """
+    from onnx import TensorProto
+
+    float32 = {v.name for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    float32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+    producer = {output: node for node in graph.node for output in node.output}
+    outputs = {v.name for v in graph.output}
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
+
+    renamed: dict[str, str] = {}
+    removed = 0
+    for node in graph.node:
+        parent = producer.get(node.input[0]) if node.input else None
+        if cast_to(node) != TensorProto.FLOAT or parent is None or cast_to(parent) != TensorProto.FLOAT16:
+            continue
+        if parent.input[0] not in float32:
+            continue
+        removed += 1
+        if node.output[0] in outputs:
+            node.input[0] = parent.input[0]  # a float32 -> float32 Cast onnxruntime drops when loading
+        else:
+            renamed[node.output[0]] = parent.input[0]
+    if renamed:
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[index] = renamed[name]
+    return removed

