@@ -11,14 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from conftest import LABELS, TorchReference, minilm_dir
 from exporter.export import ExportResult
@@ -27,7 +27,7 @@ from worker.cli import app
 from worker.exit_codes import ExitCode
 from worker.jobstate import OutputLock
 
-TEXTS = ["i love kathmandu", None, "", "the river [MASK] past old stone houses", "Sinan loves a beautiful [MASK] and a [MASK]"]
+TEXTS: list[str | None] = ["i love kathmandu", None, "", "the river [MASK] past old stone houses", "Sinan loves a beautiful [MASK] and a [MASK]"]
 
 # Per task: the export fixture, the reference fixture and the result columns.
 TASK_CASES = {
@@ -41,7 +41,7 @@ def invoke(*args: object) -> Result:
     return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
-def write_input(path: Path, texts: list[str | None] = TEXTS) -> Path:
+def write_input(path: Path, texts: Sequence[str | None] = TEXTS) -> Path:
     table = pa.table(
         {
             "doc_id": pa.array([f"d{i}" for i in range(len(texts))]),
@@ -263,7 +263,7 @@ def test_device_cuda_runs_on_cuda(tmp_path: Path, tiny_embed_export: ExportResul
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["provider"] == "CUDAExecutionProvider"
     embedding = pq.read_table(output).column("embedding").to_pylist()[0]
-    np.testing.assert_allclose(embedding, embed_reference.embed(TEXTS[0], max_length=tiny_embed_export.manifest.max_length), atol=1e-3)
+    np.testing.assert_allclose(embedding, embed_reference.embed("i love kathmandu", max_length=tiny_embed_export.manifest.max_length), atol=1e-3)
 
 
 def test_export_then_validate_then_run(tmp_path: Path, tiny_base_checkpoint: Path, embed_reference: TorchReference) -> None:
@@ -278,7 +278,7 @@ def test_export_then_validate_then_run(tmp_path: Path, tiny_base_checkpoint: Pat
     output = tmp_path / "out"
     assert invoke(*run_args(model, write_input(tmp_path / "in.parquet"), output)).exit_code == 0
     np.testing.assert_allclose(
-        pq.read_table(output).column("embedding").to_pylist()[0], embed_reference.embed(TEXTS[0], max_length=manifest.max_length), atol=1e-4
+        pq.read_table(output).column("embedding").to_pylist()[0], embed_reference.embed("i love kathmandu", max_length=manifest.max_length), atol=1e-4
     )
 
     again = invoke("export", tiny_base_checkpoint, "--task", "embed", "--out", model)

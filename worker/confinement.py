@@ -52,7 +52,7 @@ def _check_path(option: str, path: Path, roots: list[Path]) -> None:
     if not any(resolved.is_relative_to(root) for root in roots):
         raise PathNotAllowed(
             f"{option} {path}: resolves to {resolved}, outside the allowed roots ({', '.join(map(str, roots))}); "
-            "move it under a root or start the workers with another --allow-root"
+            "move it under an allowed root, or allow its directory with --allow-root"
         )
 
 

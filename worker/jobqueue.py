@@ -7,7 +7,8 @@ Keys, all under a prefix (``bertbatch:``):
 - ``dead``: the dead-letter list, jobs that failed ``max_attempts`` times.
 - ``job:ID``: a hash: ``spec`` (the RunConfig as JSON), ``state`` (queued, running, done, dead),
   ``deliveries``, ``failed_attempts``, ``worker``, ``rows_done``, ``rows_to_do``, ``provider``,
-  ``summary`` (JSON), ``error`` (the last one), and ``*_at`` timestamps (Unix seconds).
+  ``summary`` (JSON), ``error`` (the last failure), ``note`` (why it was last handed back) and
+  ``*_at`` timestamps (Unix seconds).
 - ``lease:ID``: the id of the worker running the job, with a TTL its heartbeat keeps extending.
 
 Every transition is one Lua script, so a job id sits in exactly one list (none once done) and has a
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from worker.errors import QueueError, UnknownJob
 
@@ -89,7 +91,7 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('LREM', KEYS[3], 1, ARGV[2])
-redis.call('HSET', KEYS[2], 'state', 'queued', 'worker', '', 'error', ARGV[4], 'updated_at', ARGV[3])
+redis.call('HSET', KEYS[2], 'state', 'queued', 'worker', '', 'note', ARGV[4], 'updated_at', ARGV[3])
 redis.call('RPUSH', KEYS[4], ARGV[2])
 return 1
 """
@@ -126,6 +128,7 @@ class JobStatus:
     rows_done: int
     rows_to_do: int
     error: str
+    note: str
     spec: dict[str, Any]
     summary: dict[str, Any] | None
     times: dict[str, float]  # submitted_at, started_at, updated_at, finished_at (those set)
@@ -144,7 +147,7 @@ class JobQueue:
 
     def __init__(self, client: Any, url: str, prefix: str = PREFIX) -> None:
         self.client = client
-        self.url = url
+        self.url = _without_password(url)  # for messages and logs
         self.prefix = prefix
         self.pending, self.processing, self.dead = (f"{prefix}{name}" for name in ("pending", "processing", "dead"))
         self._claim = client.register_script(_CLAIM)
@@ -162,7 +165,7 @@ class JobQueue:
         except ImportError as error:
             raise QueueError("the queue needs the redis package: pip install 'bertbatch[queue]'") from error
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise QueueError(f"--queue {url}: expected a Redis URL such as redis://localhost:6379/0")
+            raise QueueError(f"--queue {_without_password(url)}: expected a Redis URL such as redis://localhost:6379/0")
         client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=30, health_check_interval=30)
         queue = cls(client, url, prefix)
         with queue._errors():
@@ -254,6 +257,7 @@ class JobQueue:
             rows_done=int(fields.get("rows_done", 0)),
             rows_to_do=int(fields.get("rows_to_do", 0)),
             error=fields.get("error", ""),
+            note=fields.get("note", ""),
             spec=json.loads(fields.get("spec", "{}")),
             summary=json.loads(fields["summary"]) if fields.get("summary") else None,
             times={name: float(fields[name]) for name in ("submitted_at", "started_at", "updated_at", "finished_at") if name in fields},
@@ -268,6 +272,15 @@ class JobQueue:
             pipeline.lrange(self.dead, 0, 19)
             pending, processing, dead, dead_ids = pipeline.execute()
         return QueueCounts(pending, processing, dead, dead_ids)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
 def _ms(seconds: float) -> int:
@@ -290,4 +303,6 @@ def status_text(status: JobStatus) -> str:
         lines.append(f"  {status.summary.get('rows', 0):,} rows in {status.summary.get('seconds', 0)} s by {status.summary.get('worker')}")
     if status.error:
         lines.append(f"  last error: {status.error}")
+    if status.note:
+        lines.append(f"  last handed back: {status.note}")
     return "\n".join(lines)

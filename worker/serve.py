@@ -180,7 +180,8 @@ def serve(config: ServeConfig, stop: threading.Event, log: Log) -> ServeSummary:
     queue = JobQueue.connect(config.queue_url)
     sessions = SessionCache(config.max_sessions, log)
     done = failed = 0
-    log("serving", worker=config.worker_id, queue=config.queue_url, roots=[str(root) for root in config.allow_roots])
+    released: str | None = None
+    log("serving", worker=config.worker_id, queue=queue.url, roots=[str(root) for root in config.allow_roots])
     with _Housekeeper(queue, config, log) as housekeeper:
         while not stop.is_set():
             housekeeper.check()
@@ -196,13 +197,14 @@ def serve(config: ServeConfig, stop: threading.Event, log: Log) -> ServeSummary:
             delivery = _Delivery(claimed, stop, housekeeper.renew_now)
             outcome = _run_delivery(claimed, delivery, housekeeper, queue, sessions, config, log)
             if outcome == "stopped":
-                return ServeSummary(done, failed, sessions.loads, claimed.job_id)
+                released = claimed.job_id
+                break
             if outcome == "locked":
                 stop.wait(config.poll_seconds)
             done += outcome == "done"
             failed += outcome == "failed"
-    log("stopped", worker=config.worker_id, jobs_done=done, failed_attempts=failed)
-    return ServeSummary(done, failed, sessions.loads, None)
+    log("stopped", worker=config.worker_id, jobs_done=done, failed_attempts=failed, released=released)
+    return ServeSummary(done, failed, sessions.loads, released)
 
 
 def _check_serve_options(config: ServeConfig) -> None:

@@ -119,6 +119,21 @@ def wait_until(condition: Callable[[], bool], process: subprocess.Popen[str], wh
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.0005)  # a temporary shard may exist for a millisecond only
+
+
+def wait_stopped(process: subprocess.Popen[str]) -> None:
+    """Until every thread of ``process`` is stopped (SIGSTOP lands at the end of a system call)."""
+
+    def state(stat: Path) -> str:
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            return "T"
+
+    deadline = time.monotonic() + 30
+    while any(state(stat) != "T" for stat in Path(f"/proc/{process.pid}/task").glob("*/stat")):
+        assert time.monotonic() < deadline, "the job did not stop"
         time.sleep(0.002)
 
 
@@ -270,6 +285,7 @@ def test_a_second_run_on_a_busy_output_exits_8_at_once_and_touches_nothing(
     wait_until(lambda: len(part_files(output)) >= 2 and bool(temporaries(output)), first, "a shard in progress")
     first.send_signal(signal.SIGSTOP)  # the first run holds the lock and stands still
     try:
+        wait_stopped(first)
         before = {path.name: path.stat().st_mtime_ns for path in output.iterdir()}
         # A second run that waited for the lock would hang here on the stopped first one.
         second = subprocess.run(job.command(output), capture_output=True, text=True, timeout=120)

@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import Result
 from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 from tokenizers import Tokenizer
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from exporter.export import ExportResult
 from worker.batching import PaddedBatch

@@ -25,7 +25,7 @@ from exporter.manifest import TASKS
 from worker.batching import PaddedBatch
 from worker.config import RunConfig
 from worker.errors import InputError, InputSchemaError, JobLocked, OutputConflict, UsageError
-from worker.job import JobSummary, run_job
+from worker.job import run_job
 from worker.jobstate import OutputLock
 from worker.runner import Runner
 

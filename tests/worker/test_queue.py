@@ -226,6 +226,19 @@ def test_submit_checks_the_job_and_queues_nothing_when_a_check_fails(tmp_path: P
     assert queue_counts(queue_url)["pending"] == 1
 
 
+def test_status_of_an_unknown_job_and_an_unreachable_queue(queue_url: str) -> None:
+    unknown = CliRunner().invoke(app, ["status", "0123456789abcdef", "--queue", queue_url])
+    assert unknown.exit_code == ExitCode.USAGE_ERROR and "no job '0123456789abcdef'" in unknown.output
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = CliRunner().invoke(app, ["status", "--queue", f"redis://:hunter2@127.0.0.1:{closed_port}/0"])
+    assert unreachable.exit_code == ExitCode.QUEUE_ERROR and "ConnectionError" in unreachable.output
+    assert "hunter2" not in unreachable.output
+    not_redis = CliRunner().invoke(app, ["status", "--queue", "http://127.0.0.1/0"])
+    assert not_redis.exit_code == ExitCode.QUEUE_ERROR and "expected a Redis URL" in not_redis.output
+
+
 def test_submit_and_run_share_one_definition_of_the_job_options() -> None:
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     options = {name: {param.name for param in commands[name].params} for name in ("run", "submit")}
