@@ -32,7 +32,9 @@ from benchmarks.measure import Kind, Measurement, measure_peak_flops
 
 DEFAULT_ROWS = {"cpu": 2000, "cuda": 20000}
 DEFAULT_VARIANTS = {"cpu": "fp32,optimized,int8", "cuda": "optimized,fp16"}
-DEFAULT_BUDGET_SECONDS = {"cpu": 360.0, "cuda": 0.0}
+DEFAULT_BUDGET_SECONDS = {"cpu": 240.0, "cuda": 0.0}
+# How a time budget is shared: the mixed set carries the targets, the fixed set is a check on one shape.
+BUDGET_SHARES = {"mixed": 0.7, "fixed-128": 0.3}
 CONFIGS = ("users", "best", "packed", "worker", "ceiling")
 FLOPS_FORMULA = "FLOPs per row of n real tokens = n * (2 * P + 4 * L * n * H); P = non-embedding parameters, L layers, H hidden"
 
@@ -47,8 +49,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", help="ONNX variants for --arch, of fp32,optimized,int8,fp16 (default CPU: fp32,optimized,int8; GPU: optimized,fp16)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"which configurations to run, of {','.join(CONFIGS)} (default all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the JSON, the PNG and cached exports go")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per batch for the worker, the best PyTorch and the ceiling (default: the worker's 64)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per batch for the same (default: the worker's 16384)")
     parser.add_argument("--threads", type=int, help="intra-op threads for onnxruntime and torch (default: their own)")
-    parser.add_argument("--max-seconds", type=float, help="measurement time budget; rows are cut (for every configuration alike) to fit (default 360 on CPU, none on GPU; 0 = none)")
+    parser.add_argument("--max-seconds", type=float, help="measurement time budget; rows are cut (for every configuration alike) to fit (default 240 on CPU, none on GPU; 0 = none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG (no matplotlib needed)")
     arguments = parser.parse_args(argv)
@@ -138,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(first, device, arguments.threads)  # type: ignore[arg-type]
     speed = budget.calibrate(runner, shape)
     del runner
-    seen = [np.minimum(lengths, manifest.max_length) for lengths in intended.values()]
-    plan = budget.plan_rows(shape, seen, list(model_dirs), device == "cuda", speed, budget_seconds)
-    log(f"model speed {speed / 1e9:.1f} GFLOP/s; plan: {plan.rows} of {plan.generated_rows} rows per dataset, ~{plan.estimated_seconds:.0f} s")
+    seen = {name: np.minimum(lengths, manifest.max_length) for name, lengths in intended.items()}
+    batching = (arguments.batch_size, arguments.max_tokens)
+    plan = budget.plan_rows(shape, seen, BUDGET_SHARES, list(model_dirs), device == "cuda", speed, budget_seconds, batching)
+    planned = ", ".join(f"{name} {count}" for name, count in plan.rows.items())
+    log(f"model speed {speed / 1e9:.1f} GFLOP/s; rows of {plan.generated_rows}: {planned}; ~{plan.estimated_seconds:.0f} s")
     if plan.cut:
         notes.append(
-            f"rows cut to fit --max-seconds {budget_seconds:.0f}: every configuration ran on the same first {plan.rows} "
-            f"of {plan.generated_rows} generated rows of each dataset (estimated {plan.estimated_seconds:.0f} s)"
+            f"rows cut to fit --max-seconds {budget_seconds:.0f} (estimated {plan.estimated_seconds:.0f} s): every configuration "
+            f"ran on the same first rows of each dataset ({planned} of {plan.generated_rows} generated)"
         )
 
     from tokenizers import Tokenizer
@@ -153,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     work = arguments.out / "work"
     datasets, distributions = [], {}
     for name, lengths in intended.items():
-        dataset = data.generate(name, lengths[: plan.rows], words, work, arguments.seed + 1)
+        dataset = data.generate(name, lengths[: plan.rows[name]], words, work, arguments.seed + 1)
         untruncated = data.measured_lengths(first.tokenizer_file, dataset.texts)  # type: ignore[attr-defined]
         if not np.array_equal(untruncated, dataset.lengths):
             raise SystemExit(f"{name}: the tokenizer does not give one token per generated word; the length mix is off")
         truncated = np.minimum(untruncated, manifest.max_length)
+        log(f"{name}: {dataset.rows} rows, tokens mean {untruncated.mean():.1f}, p50 {np.percentile(untruncated, 50):.0f}, p99 {np.percentile(untruncated, 99):.0f}")
         datasets.append((dataset, truncated))
         distributions[name] = {"tokens_generated": data.length_summary(untruncated), "tokens_seen_by_model": data.length_summary(truncated)}
         line = distributions[name]["tokens_generated"]
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     measurements: list[Measurement] = []
     for dataset, lengths in datasets:
-        measurements += run_dataset(dataset, lengths, checkpoint, variants, manifest, shape, device, arguments.threads, configs, work, log)
+        measurements += run_dataset(dataset, lengths, checkpoint, variants, manifest, shape, device, arguments.threads, batching, configs, work, log)
     total_seconds = time.perf_counter() - started
 
     for dataset, _ in datasets:
@@ -178,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         report.add_cosines([m for m in measurements if m.dataset == dataset.name], reference)
     numbers = [report.row_numbers(measurements, m, peak) for m in measurements]
     found = report.targets(measurements, device == "cuda")
-    title = f"bertbatch benchmark: {model_name} on {device} ({plan.rows} rows per dataset)"
+    title = f"bertbatch benchmark: {model_name} on {device} ({plan.rows['mixed']} mixed rows)"
     notes += [
         f"peak FLOP/s {peak / 1e12:.3f} T: {peak_note}",
         FLOPS_FORMULA + f" (here P = {shape.non_embedding_parameters:,}, L = {shape.layers}, H = {shape.hidden})",
         "x best PT: rows/s over the fastest PyTorch row on the same data; x ceil: over the same variant's ceiling "
         "(PyTorch rows: the fastest ceiling of their precision); cos: per-row cosine to PyTorch fp32 as users write it",
+        f"worker, best PyTorch and ceiling batches: at most {arguments.batch_size} rows and {arguments.max_tokens} padded tokens",
         "worker rows: Parquet read, tokenize, run, Parquet write, timed from session ready; PyTorch rows: texts in memory "
         "to numpy embeddings, tokenizing included; model loading untimed everywhere",
     ]
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": str(checkpoint),
             "variants": {name: (md if isinstance(md, str) else str(md.path)) for name, md in variants.items()},  # type: ignore[attr-defined]
             "threads": arguments.threads,
+            "batching": {"batch_size": arguments.batch_size, "max_tokens": arguments.max_tokens},
             "rows_plan": plan.__dict__,
             "peak_flops": peak,
             "peak_note": peak_note,
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_dataset(
     dataset: data.Dataset, lengths: np.ndarray, checkpoint: Path, variants: dict[str, object], manifest: object,
-    shape: models.Shape, device: str, threads: int | None, configs: set[str], work: Path, log: Callable[[str], None],
+    shape: models.Shape, device: str, threads: int | None, batching: tuple[int, int], configs: set[str], work: Path,
+    log: Callable[[str], None],
 ) -> list[Measurement]:
     """Every configuration over one dataset, one after the other; a failing one becomes a FAILED row."""
     from benchmarks import torch_baselines, worker_e2e
@@ -241,7 +251,7 @@ def run_dataset(
             run = partial(torch_baselines.run_users_loop, *common, precision, dataset.name)
             jobs.append(("pytorch-users", f"PyTorch as users write it ({precision})", precision, run))
     if "best" in configs:
-        run = partial(torch_baselines.run_best_config, *common, best_precision, dataset.name)
+        run = partial(torch_baselines.run_best_config, *common, best_precision, dataset.name, *batching)
         jobs.append(("pytorch-best", f"PyTorch best: SDPA, sorted batches ({best_precision})", best_precision, run))
     if "packed" in configs and device == "cuda":
         run = partial(torch_baselines.run_packed, *common, "fp16", dataset.name)
@@ -249,10 +259,10 @@ def run_dataset(
     for variant, model_dir in variants.items():
         precision = models.precision_of(variant)
         if "worker" in configs:
-            run = partial(worker_e2e.run_worker, model_dir, dataset, lengths, shape, variant, precision, device, threads, work)
+            run = partial(worker_e2e.run_worker, model_dir, dataset, lengths, shape, variant, precision, device, threads, batching, work)
             jobs.append(("worker", f"worker end to end ({variant})", precision, _unless_failed(model_dir, run)))
         if "ceiling" in configs:
-            run = partial(_run_ceiling, model_dir, lengths, shape, variant, precision, dataset.name, device, threads)
+            run = partial(_run_ceiling, model_dir, lengths, shape, variant, precision, dataset.name, device, threads, batching)
             jobs.append(("ceiling", f"ceiling: ONNX session, fixed shapes ({variant})", precision, _unless_failed(model_dir, run)))
     results = []
     for kind, name, precision, job in jobs:
@@ -271,11 +281,11 @@ def run_dataset(
 
 
 def _run_ceiling(model_dir: object, lengths: np.ndarray, shape: models.Shape, variant: str, precision: str, dataset: str,
-                 device: str, threads: int | None) -> Measurement:
+                 device: str, threads: int | None, batching: tuple[int, int]) -> Measurement:
     from benchmarks.ceiling import run_ceiling
     from worker.runner import Runner
 
-    return run_ceiling(Runner(model_dir, device, threads), lengths, shape, variant, precision, dataset)  # type: ignore[arg-type]
+    return run_ceiling(Runner(model_dir, device, threads), lengths, shape, variant, precision, dataset, *batching)  # type: ignore[arg-type]
 
 
 def _unless_failed(model_dir: object, run: Callable[[], Measurement]) -> Callable[[], Measurement]:

@@ -60,7 +60,10 @@ class PackedBert:
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
         """Pooled embeddings ``[rows, hidden]`` of packed rows: ``input_ids`` and ``token_type_ids`` are ``[tokens]``."""
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        row_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths.long())
+        # output_size spares a device-to-host sync on CUDA
+        row_of_token = torch.repeat_interleave(
+            torch.arange(len(lengths), device=input_ids.device), lengths.long(), output_size=input_ids.shape[0]
+        )
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - cu_seqlens[:-1].long()[row_of_token]
         embeddings = self.model.embeddings
         hidden = (

@@ -25,13 +25,13 @@ from worker.runner import ModelDir
 
 def run_worker(
     model_dir: ModelDir, dataset: Dataset, lengths: np.ndarray, shape: Shape, variant: str, precision: str,
-    device: Device, threads: int | None, work: Path,
+    device: Device, threads: int | None, batching: tuple[int, int], work: Path,
 ) -> Measurement:
     output = work / f"{dataset.name}-{variant}"
     shutil.rmtree(output, ignore_errors=True)
     config = RunConfig(
         model_dir=model_dir.path, input=str(dataset.path), output=output, text_column=TEXT_COLUMN,
-        device=device, threads=threads,
+        device=device, threads=threads, batch_size=batching[0], max_tokens=batching[1],
     )
     ready: list[float] = []
     summary = run_job(config, on_start=lambda provider, rows: ready.append(time.perf_counter()))

@@ -14,21 +14,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.errors import ExportError, ValidationMismatch
+from exporter.errors import ExportError, OptimizationError, ValidationMismatch
 from exporter.manifest import (
     MODEL_FILE,
     TOKENIZER_FILE,
     Layers,
     Manifest,
     Pooling,
+    Precision,
     SpecialTokens,
     Task,
     read_manifest,
     write_manifest,
 )
+from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
 from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
 from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
-from exporter.validation import Tolerances, ValidationReport, build_cases, validate_onnx
+from exporter.validation import Tolerances, ValidationReport, build_cases, default_tolerances, validate_onnx
 from worker.exit_codes import ExitCode
 
 if TYPE_CHECKING:
@@ -42,7 +44,13 @@ _TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "vo
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Everything ``bertbatch export`` decides. ``None`` means: take the checkpoint's own setting."""
+    """Everything ``bertbatch export`` decides. ``None`` means: take the checkpoint's own setting.
+
+    ``optimize`` fuses attention, layer norms and GELU with onnxruntime's transformer
+    optimizer. ``fp16`` (for GPUs) and ``quantize="int8"`` (dynamic, for CPUs) exclude
+    each other and start from the fused graph, so they imply ``optimize``.
+    ``tolerances=None`` takes the defaults of the final precision (``default_tolerances``).
+    """
 
     source: str
     task: Task
@@ -54,8 +62,23 @@ class ExportConfig:
     top_k: int = 5
     max_length: int | None = None
     opset: int = DEFAULT_OPSET
-    tolerances: Tolerances = Tolerances()
+    tolerances: Tolerances | None = None
     overwrite: bool = False
+    optimize: bool = False
+    fp16: bool = False
+    quantize: Quantization | None = None
+
+    @property
+    def precision(self) -> Precision:
+        return variant_precision(self.fp16, self.quantize)
+
+    @property
+    def fused(self) -> bool:
+        return self.optimize or self.fp16 or self.quantize is not None
+
+    @property
+    def validation_tolerances(self) -> Tolerances:
+        return self.tolerances if self.tolerances is not None else default_tolerances(self.precision)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,7 @@ class OutputExists(ExportError):
 def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
     """Load, export, validate and write the model directory; raise ``ValidationMismatch`` on differences."""
     out = config.out
+    precision = config.precision  # refuses fp16 with int8 before any work
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise OutputExists(f"{out}: already exists and is not empty; pass --overwrite to replace it")
     resolved = resolve_source(config.source)
@@ -94,10 +118,19 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     for name in _TOKENIZER_COMPANIONS:
         if (resolved.transformer_dir / name).is_file():
             shutil.copyfile(resolved.transformer_dir / name, staging / name)
+    optimization: dict[str, Any] = {}
+    if config.fused:
+        try:
+            shape = encoder_shape(model.config, settings.layers if config.task == "embed" else "last")
+            optimization = optimize_onnx(staging / MODEL_FILE, shape, config.fp16, config.quantize, log=log)
+        except OptimizationError as error:
+            failed = _keep_failed(staging, out)
+            raise OptimizationError(f"{out}: {error}; the graph as far as it got is kept in {failed}") from error
 
-    log("validating against PyTorch")
+    tolerances = config.validation_tolerances
+    log(f"validating against PyTorch ({precision}: {tolerances.describe()})")
     cases = build_cases(tokenizer, config.task, max_length, special.mask, special.pad)
-    report = validate_onnx(head, staging / MODEL_FILE, config.task, output_names, cases, config.tolerances)
+    report = validate_onnx(head, staging / MODEL_FILE, config.task, output_names, cases, tolerances)
     manifest = Manifest(
         task=config.task,
         source=_recorded_source(config.source),
@@ -113,15 +146,16 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         embedding_dim=_embedding_dim(model.config, settings) if config.task == "embed" else None,
         top_k=settings.top_k if config.task == "fill-mask" else None,
         id2label=_id2label(model.config) if config.task == "classify" else None,
+        precision=precision,
+        optimized=config.fused,
+        optimization=optimization,
         validation=report.to_dict(),
     )
     write_manifest(staging, manifest)
     for line in report.summary_lines():
         log(line)
     if not report.passed:
-        failed = out.parent / f"{out.name}.failed"
-        shutil.rmtree(failed, ignore_errors=True)
-        staging.rename(failed)
+        failed = _keep_failed(staging, out)
         raise ValidationMismatch(
             f"{out}: the ONNX outputs differ from PyTorch ({report.problems[0]}"
             f"{f' and {len(report.problems) - 1} more' if len(report.problems) > 1 else ''}); "
@@ -132,6 +166,14 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     staging.rename(out)
     log(f"wrote {out}")
     return ExportResult(out, manifest, report)
+
+
+def _keep_failed(staging: Path, out: Path) -> Path:
+    """Move a rejected export aside as ``<out>.failed``, where it is never mistaken for a model."""
+    failed = out.parent / f"{out.name}.failed"
+    shutil.rmtree(failed, ignore_errors=True)
+    staging.rename(failed)
+    return failed
 
 
 def trace_to_onnx(
@@ -231,11 +273,19 @@ def _recorded_source(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
-def revalidate(directory: Path, tolerances: Tolerances | None = None, log: Callable[[str], None] = print) -> ValidationReport:
-    """Re-run validation of an exported directory against its source checkpoint (``bertbatch validate``)."""
+def revalidate(
+    directory: Path,
+    tolerances: Tolerances | None = None,
+    log: Callable[[str], None] = print,
+    overrides: dict[str, float] | None = None,
+) -> ValidationReport:
+    """Re-run validation of an exported directory against its source checkpoint (``bertbatch validate``).
+
+    Tolerances default to the ones recorded at export; ``overrides`` replaces some of them.
+    """
     try:
         manifest = read_manifest(directory)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError, KeyError) as error:
         raise ExportError(f"{directory}: not a bertbatch model directory: {error}") from error
     resolved = resolve_source(manifest.source)
     model, architecture = load_model(resolved, manifest.task)
@@ -249,7 +299,7 @@ def revalidate(directory: Path, tolerances: Tolerances | None = None, log: Calla
         mask_token_id=manifest.special_tokens.mask,
     )
     head = TASK_SPECS[manifest.task].build_head(model, architecture, settings)
-    chosen = tolerances or Tolerances(**manifest.validation.get("tolerances", {}))
+    chosen = replace(tolerances or Tolerances(**manifest.validation.get("tolerances", {})), **(overrides or {}))
     cases = build_cases(tokenizer, manifest.task, manifest.max_length, manifest.special_tokens.mask, manifest.special_tokens.pad)
     report = validate_onnx(head, directory / manifest.model_file, manifest.task, manifest.outputs, cases, chosen)
     for line in report.summary_lines():
@@ -259,10 +309,14 @@ def revalidate(directory: Path, tolerances: Tolerances | None = None, log: Calla
     return report
 
 
-def with_tolerances(config: ExportConfig, atol: float | None, rtol: float | None) -> ExportConfig:
-    tolerances = config.tolerances
-    if atol is not None:
-        tolerances = replace(tolerances, atol=atol)
-    if rtol is not None:
-        tolerances = replace(tolerances, rtol=rtol)
-    return replace(config, tolerances=tolerances)
+def with_tolerances(
+    config: ExportConfig,
+    atol: float | None,
+    rtol: float | None,
+    min_cosine: float | None = None,
+    min_mean_cosine: float | None = None,
+) -> ExportConfig:
+    """Override the tolerances given on the command line, starting from the precision's defaults."""
+    overrides = {"atol": atol, "rtol": rtol, "min_cosine": min_cosine, "min_mean_cosine": min_mean_cosine}
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    return replace(config, tolerances=replace(config.validation_tolerances, **chosen))

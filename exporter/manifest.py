@@ -57,6 +57,8 @@ class Manifest:
     model_file: str = MODEL_FILE
     tokenizer_file: str = TOKENIZER_FILE
     format_version: int = FORMAT_VERSION
+    # What the optimizer did: fused operator counts, float16 or int8 details (exporter/optimize.py).
+    optimization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def validated(self) -> bool:

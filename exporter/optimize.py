@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from exporter.errors import ExportError, OptimizationError
-from exporter.manifest import Precision
+from exporter.manifest import Layers, Precision
 
 if TYPE_CHECKING:
     from onnx import GraphProto, ModelProto
@@ -64,11 +64,17 @@ class EncoderShape:
     num_layers: int
 
 
-def encoder_shape(model_config: Any) -> EncoderShape:
+def encoder_shape(model_config: Any, layers: Layers = "last") -> EncoderShape:
+    """The shape of the encoder as the exported graph holds it.
+
+    When only the second-to-last layer feeds the head, the last layer is dead code
+    and is not in the graph, so one attention fewer can fuse.
+    """
+    num_layers = int(model_config.num_hidden_layers)
     return EncoderShape(
         num_heads=int(model_config.num_attention_heads),
         hidden_size=int(model_config.hidden_size),
-        num_layers=int(model_config.num_hidden_layers),
+        num_layers=num_layers - 1 if layers == "second-to-last" else num_layers,
     )
 
 
@@ -102,6 +108,7 @@ def optimize_onnx(
     elif precision == "int8":
         log("quantizing MatMul weights to int8 (dynamic quantization, per-channel)")
         record["quantization"] = quantize_to_int8(model_path)
+    check_loads(model_path)
     return record
 
 
@@ -165,9 +172,9 @@ def convert_to_float16(model_path: Path) -> dict[str, Any]:
         model.convert_float_to_float16(keep_io_types=True, op_block_list=kept_float32)
     except Exception as error:  # the converter raises AssertionError, ValueError, ...
         raise OptimizationError(f"{model_path}: float16 conversion failed: {type(error).__name__}: {error}") from error
+    # OnnxModel's conversion also removes the float32 -> float16 -> float32 Cast pairs
+    # it puts between two float32 nodes, so the heads never pass through float16.
     _drop_duplicate_nodes(model.model.graph)
-    removed = _remove_cast_round_trips(model.model.graph)
-    model.prune_graph(allow_remove_graph_inputs=False)
     model.topological_sort()
     _check_interface(before, model.model, "float16 conversion")
     float16 = [t for t in model.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
@@ -178,25 +185,32 @@ def convert_to_float16(model_path: Path) -> dict[str, Any]:
         "float16_op_types": sorted(FLOAT16_OP_TYPES & present),
         "float32_op_types": kept_float32,
         "float16_initializers": len(float16),
-        "cast_round_trips_removed": removed,
     }
 
 
 def quantize_to_int8(model_path: Path) -> dict[str, Any]:
-    """Dynamic int8 quantization of every MatMul with constant weights (``quantize_dynamic``)."""
+    """Dynamic int8 quantization of the encoder's MatMul weights (``quantize_dynamic``).
+
+    The nodes are named explicitly: the quantizer also rewrites Gemm as MatMul, and
+    would otherwise quantize the heads' Gemm (pooler, classifier, vocabulary projection).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     before = onnx.load(str(model_path))
     initializers = {t.name for t in before.graph.initializer}
-    candidates = sum(1 for n in before.graph.node if n.op_type in INT8_OP_TYPES and n.input[1] in initializers)
+    candidates = [n.name for n in before.graph.node if n.op_type in INT8_OP_TYPES and n.input[1] in initializers]
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=model_path.parent) as scratch:
-        target = Path(scratch) / model_path.name
+        source, target = Path(scratch) / "input.onnx", Path(scratch) / model_path.name
+        prepared = onnx.load(str(model_path))
+        _transpose_tied_gemm_weights(prepared.graph)
+        onnx.save_model(prepared, str(source))
         try:
             quantize_dynamic(
-                model_path,
+                source,
                 target,
                 op_types_to_quantize=list(INT8_OP_TYPES),
+                nodes_to_quantize=candidates,
                 per_channel=True,
                 reduce_range=False,
                 weight_type=QuantType.QInt8,
@@ -207,9 +221,10 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
             raise OptimizationError(f"{model_path}: int8 quantization failed: {type(error).__name__}: {error}") from error
         after = onnx.load(str(target))
         quantized = sum(count_ops(after).get(op, 0) for op in _QUANTIZED_MATMUL_OP_TYPES)
-        if candidates == 0 or quantized != candidates:
+        if not candidates or quantized != len(candidates):
             raise OptimizationError(
-                f"{model_path}: int8 quantization converted {quantized} of {candidates} MatMul weights; expected all"
+                f"{model_path}: int8 quantization converted {quantized} of {len(candidates)} encoder MatMul weights; "
+                "expected all"
             )
         _check_interface(before, after, "int8 quantization")
         os.replace(target, model_path)
@@ -221,6 +236,43 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
         "activations": "uint8, asymmetric, per tensor, computed at run time",
         "quantized_matmuls": quantized,
     }
+
+
+def _transpose_tied_gemm_weights(graph: GraphProto) -> None:
+    """Let a Gemm read a weight it shares through an explicit Transpose (``transB=0``).
+
+    Dynamic quantization rewrites every Gemm as MatMul and transposes a ``transB=1``
+    weight in place, assuming no other node reads it. The masked-LM head's decoder
+    shares (ties) the word embeddings with EmbedLayerNormalization, which would then
+    read a transposed table. onnxruntime folds the Transpose when it loads the model.
+    See https://github.com/microsoft/onnxruntime/issues/25890.
+    """
+    from onnx import helper
+
+    initializers = {t.name for t in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input)
+    added = []
+    for node in graph.node:
+        transposed = [a for a in node.attribute if a.name == "transB" and a.i == 1]
+        if node.op_type != "Gemm" or not transposed or node.input[1] not in initializers or readers[node.input[1]] < 2:
+            continue
+        weight = node.input[1]
+        node.input[1] = f"{weight}/transposed_for_{node.name or 'gemm'}"
+        transposed[0].i = 0
+        added.append(helper.make_node("Transpose", [weight], [node.input[1]], name=f"{node.input[1]}/Transpose"))
+    graph.node.extend(added)
+
+
+def check_loads(model_path: Path) -> None:
+    """The final graph must load in onnxruntime; a broken rewrite is an OptimizationError, not a crash later."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise OptimizationError(f"{model_path}: onnxruntime cannot load the optimized graph: {error}") from error
 
 
 def count_ops(model: ModelProto) -> dict[str, int]:
@@ -274,43 +326,3 @@ def _drop_duplicate_nodes(graph: GraphProto) -> None:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
-
-
-def _remove_cast_round_trips(graph: GraphProto) -> int:
-    """Drop the float32 -> float16 -> float32 Cast pairs the converter puts between two float32 nodes.
-
-    The converter casts every float32 node's output to float16 and back before the
-    next float32 node, which would squeeze the heads (a sum over the sequence, say)
-    through float16 after all. See https://github.com/microsoft/onnxconverter-common/issues/271.
-    """
-    from onnx import TensorProto
-
-    float32 = {v.name for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    float32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
-    producer = {output: node for node in graph.node for output in node.output}
-    outputs = {v.name for v in graph.output}
-
-    def cast_to(node: Any) -> int | None:
-        if node.op_type != "Cast":
-            return None
-        return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
-
-    renamed: dict[str, str] = {}
-    removed = 0
-    for node in graph.node:
-        parent = producer.get(node.input[0]) if node.input else None
-        if cast_to(node) != TensorProto.FLOAT or parent is None or cast_to(parent) != TensorProto.FLOAT16:
-            continue
-        if parent.input[0] not in float32:
-            continue
-        removed += 1
-        if node.output[0] in outputs:
-            node.input[0] = parent.input[0]  # a float32 -> float32 Cast onnxruntime drops when loading
-        else:
-            renamed[node.output[0]] = parent.input[0]
-    if renamed:
-        for node in graph.node:
-            for index, name in enumerate(node.input):
-                if name in renamed:
-                    node.input[index] = renamed[name]
-    return removed

@@ -112,6 +112,11 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     atol: Annotated[Optional[float], typer.Option(help="Loosen validation: absolute tolerance (default 1e-4).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Loosen validation: relative tolerance (default 1e-3).")] = None,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Fuse attention, layer norms and GELU (onnxruntime transformer optimizer); fails if attention does not fuse.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and compute for GPUs (float32 inputs/outputs kept); implies --optimize.")] = False,
+    quantize: Annotated[Optional[Literal["int8"]], typer.Option(help="int8: dynamic quantization for CPUs; implies --optimize.")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(help="fp16/int8 validation: lowest cosine allowed for any vector.")] = None,
+    min_mean_cosine: Annotated[Optional[float], typer.Option(help="int8 validation: lowest mean cosine allowed for the embeddings.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model directory.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -131,8 +136,11 @@ def export(
             max_length=max_length,
             opset=opset,
             overwrite=overwrite,
+            optimize=optimize,
+            fp16=fp16,
+            quantize=quantize,
         )
-        export_model(with_tolerances(config, atol, rtol), log=_stderr)
+        export_model(with_tolerances(config, atol, rtol, min_cosine, min_mean_cosine), log=_stderr)
 
 
 @app.command()
@@ -140,19 +148,16 @@ def validate(
     directory: Annotated[Path, typer.Argument(help="An exported model directory.")],
     atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: the export's).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: the export's).")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(help="Lowest vector cosine (default: the export's).")] = None,
+    min_mean_cosine: Annotated[Optional[float], typer.Option(help="Lowest mean embedding cosine (default: the export's).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Re-run an export's validation against its source checkpoint."""
     with _errors_to_exit_codes(debug):
         from exporter.export import revalidate
-        from exporter.manifest import read_manifest
-        from exporter.validation import Tolerances
 
-        tolerances = None
-        if atol is not None or rtol is not None:
-            recorded = read_manifest(directory).validation.get("tolerances", {})
-            tolerances = Tolerances(**{**recorded, **({"atol": atol} if atol is not None else {}), **({"rtol": rtol} if rtol is not None else {})})
-        revalidate(directory, tolerances, log=_stderr)
+        given = {"atol": atol, "rtol": rtol, "min_cosine": min_cosine, "min_mean_cosine": min_mean_cosine}
+        revalidate(directory, log=_stderr, overrides={name: value for name, value in given.items() if value is not None})
 
 
 def _run_config(
@@ -172,6 +177,10 @@ def _run_config(
     max_errors: Annotated[Optional[int], typer.Option(help="Give up after this many failed rows (default: never).")] = None,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Also copy the text column to the output.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job's output.")] = False,
+    engine: Annotated[Literal["local", "ray"], typer.Option(help="local: threads in this process; ray: a Ray cluster (pip install 'bertbatch[ray]').")] = "local",
+    num_workers: Annotated[int, typer.Option(help="ray: inference workers (actors), each with its own onnxruntime session.")] = 2,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help="ray: GPUs per worker, 0 for CPU workers (default: 1 when the cluster has GPUs).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="ray: the cluster to join (auto, HOST:PORT or ray://HOST:PORT; default: start a local Ray).")] = None,
 ) -> RunConfig:
     """The job options ``run`` and ``submit`` share, as the one RunConfig (defined once, so they cannot drift)."""
     from worker.default_model import ensure_default_model
@@ -193,6 +202,10 @@ def _run_config(
         max_errors=max_errors,
         keep_text=keep_text,
         overwrite=overwrite,
+        engine=engine,
+        num_workers=num_workers,
+        gpus_per_worker=gpus_per_worker,
+        ray_address=ray_address,
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 Device = Literal["auto", "cuda", "cpu"]
+Engine = Literal["local", "ray"]
 
 
 @dataclass(frozen=True)
@@ -14,8 +15,14 @@ class RunConfig:
     """Everything ``bertbatch run`` decides.
 
     Options that change results (model, columns, max_length, top_k, shard size)
-    are part of the job's identity; the others (batching, device, threads) only
-    change speed, so a job may resume with different values of them.
+    are part of the job's identity; the others (batching, device, threads, the
+    engine and its workers) only change speed, so a job may resume with different
+    values of them.
+
+    ``engine="ray"`` computes on a Ray cluster: ``num_workers`` actors, each with
+    ``gpus_per_worker`` GPUs (``None``: one GPU when the cluster has GPUs and
+    ``device`` is not ``cpu``, else CPU actors), joining ``ray_address`` or
+    starting a local Ray runtime when it is ``None``.
     """
 
     model_dir: Path
@@ -36,6 +43,10 @@ class RunConfig:
     keep_text: bool = False
     overwrite: bool = False
     progress: bool = False
+    engine: Engine = "local"
+    num_workers: int = 2
+    gpus_per_worker: float | None = None
+    ray_address: str | None = None
 
 
 def config_to_spec(config: RunConfig) -> dict[str, Any]:

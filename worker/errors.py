@@ -81,6 +81,12 @@ class UnknownJob(WorkerError):
     exit_code = ExitCode.USAGE_ERROR
 
 
+class EngineError(WorkerError):
+    """``--engine ray``: the cluster is unreachable or was lost, or a window failed all its retries."""
+
+    exit_code = ExitCode.ENGINE_ERROR
+
+
 class Interrupted(WorkerError):
     """SIGINT/SIGTERM: the current shard was abandoned, finished ones are kept."""
 

@@ -19,4 +19,5 @@ class ExitCode(IntEnum):
     OUTPUT_ERROR = 10
     PATH_NOT_ALLOWED = 11
     QUEUE_ERROR = 12
+    ENGINE_ERROR = 13
     INTERRUPTED = 130

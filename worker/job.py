@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
-from worker.batching import PaddedBatch, iter_padded_batches
+from worker.batching import PaddedBatch
 from worker.config import Device, RunConfig
 from worker.decode import WindowResults, result_schema, vocabulary_of
 from worker.errors import InputError, InputSchemaError, OutputError, TooManyErrors, UsageError
-from worker.jobstate import OutputLock, job_identity, open_job
+from worker.jobstate import JobState, OutputLock, job_identity, open_job
 from worker.pipeline import in_background
 from worker.runner import ModelDir, Runner, open_model_dir
 from worker.sink import TEMP_MARK, ShardWriter
-from worker.source import InputFile, Shard, column_texts, inspect_inputs, plan_shards, read_shard, resolve_inputs
-from worker.tokenize import TokenizedWindow, load_tokenizer, tokenize_window
+from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
+from worker.tokenize import TokenizedWindow, load_tokenizer
+from worker.window import ComputedWindow, count_window, output_table, pad_window, run_window, tokenize_rows
+
+Engine = AbstractContextManager[tuple[str, Iterator[ComputedWindow]]]  # (provider, computed windows in shard order)
 
 Progress = Callable[[int], None]
 RunnerFactory = Callable[[ModelDir, Device, int | None], Runner]
@@ -96,8 +99,11 @@ def run_job(
 ) -> JobSummary:
     """Run (or resume) a job. ``on_start(provider, rows_to_do)`` is called once the session is ready.
 
-    ``make_runner`` builds the onnxruntime session, only when there is work to do; ``bertbatch serve``
-    passes a cache so sessions stay warm across jobs.
+    ``config.engine`` picks who computes the windows: threads in this process, or a Ray cluster
+    (``worker.ray_engine``); either way this process writes and records the shards, so both
+    engines share the output layout and the resume rules. ``make_runner`` builds the local
+    engine's onnxruntime session, only when there is work to do; ``bertbatch serve`` passes a
+    cache so sessions stay warm across jobs.
     """
     started = time.perf_counter()
     model_dir, max_length, files = check_job(config)
@@ -112,40 +118,18 @@ def run_job(
         if state.success_file.is_file() and not pending:
             return JobSummary(config.output, 0, 0, 0, 0, time.perf_counter() - started, "none", 0, len(shards), True)
         state.success_file.unlink(missing_ok=True)  # work is pending (a shard was deleted?): not complete now
-        runner = make_runner(model_dir, config.device, config.threads)
-        tokenizer = load_tokenizer(model_dir.tokenizer_file, max_length)
-        vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
-        if on_start:
-            on_start(runner.provider, sum(shard.num_rows for shard in pending))
-        counters = _Counters()
+        engine: Engine
+        if config.engine == "ray":
+            from worker.ray_engine import compute_on_ray
 
-        # The read stage is owned by the run stage only, so closing ``computed`` stops both threads.
-        prepared = in_background(_prepare(config, files, pending, tokenizer, model_dir), name="bertbatch-read")
-        computed = in_background(_compute(prepared, runner, config, vocabulary, model_dir), name="bertbatch-run")
-        del prepared
-        writer: ShardWriter | None = None
-        try:
-            for window in computed:
-                if writer is None:
-                    writer = ShardWriter(config.output, window.shard.name)
-                writer.write(_output_table(config, window))
-                _count(counters, window)
-                if progress:
-                    progress(window.table.num_rows)
-                if config.max_errors is not None and counters.error_rows > config.max_errors:
-                    raise TooManyErrors(
-                        f"{counters.error_rows} rows failed, more than --max-errors {config.max_errors}; "
-                        f"{len(state.completed)} finished shards are kept in {config.output}, the current one is dropped"
-                    )
-                if window.last_of_shard:
-                    writer.commit()
-                    state.record(window.shard.name, writer.rows)
-                    writer = None
-        finally:
-            if writer is not None:
-                writer.abort()
-            computed.close()  # stop and join the stage threads, also when leaving on an error or an interrupt
-        _write_success(state, counters, runner.provider)
+            engine = compute_on_ray(config, model_dir, max_length, files, pending)
+        else:
+            engine = _compute_locally(config, model_dir, max_length, files, pending, make_runner)
+        with engine as (provider, computed):
+            if on_start:
+                on_start(provider, sum(shard.num_rows for shard in pending))
+            counters = _write_shards(config, state, computed, progress)
+        _write_success(state, counters, provider)
         return JobSummary(
             output=config.output,
             rows=counters.rows,
@@ -153,7 +137,7 @@ def run_job(
             truncated_rows=counters.truncated_rows,
             tokens=counters.tokens,
             seconds=time.perf_counter() - started,
-            provider=runner.provider,
+            provider=provider,
             shards_written=len(pending),
             shards_skipped=len(shards) - len(pending),
         )
@@ -174,6 +158,12 @@ def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
             raise UsageError(f"--top-k applies to fill-mask models; {model_dir.path} is a {manifest.task} model")
         if not 1 <= config.top_k <= (manifest.top_k or 0):
             raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
+    if config.engine == "ray":
+        from worker.ray_engine import check_ray_options
+
+        check_ray_options(config)
+    elif config.ray_address is not None or config.gpus_per_worker is not None:
+        raise UsageError("--ray-address and --gpus-per-worker apply to --engine ray")
     return config.max_length or manifest.max_length
 
 
@@ -199,6 +189,59 @@ def _refuse_column_clashes(config: RunConfig, model_dir: ModelDir, files: list[I
             )
 
 
+@contextmanager
+def _compute_locally(
+    config: RunConfig,
+    model_dir: ModelDir,
+    max_length: int,
+    files: list[InputFile],
+    shards: list[Shard],
+    make_runner: RunnerFactory,
+) -> Iterator[tuple[str, Iterator[ComputedWindow]]]:
+    """The local engine: reading and tokenizing, and running the model, in two threads of this process."""
+    runner = make_runner(model_dir, config.device, config.threads)
+    tokenizer = load_tokenizer(model_dir.tokenizer_file, max_length)
+    vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
+    # The read stage is owned by the run stage only, so closing ``computed`` stops both threads.
+    prepared = in_background(_prepare(config, files, shards, tokenizer, model_dir), name="bertbatch-read")
+    computed = in_background(_compute(prepared, runner, config, vocabulary, model_dir), name="bertbatch-run")
+    del prepared
+    try:
+        # Output tables are built by the consumer (the writing thread), the third stage.
+        yield runner.provider, (_finish(config, window) for window in computed)
+    finally:
+        computed.close()  # stop and join the stage threads, also when leaving on an error or an interrupt
+
+
+def _write_shards(
+    config: RunConfig, state: JobState, computed: Iterable[ComputedWindow], progress: Progress | None
+) -> _Counters:
+    """Write computed windows to their shards; commit and record each shard after its last window."""
+    counters = _Counters()
+    writer: ShardWriter | None = None
+    try:
+        for window in computed:
+            if writer is None:
+                writer = ShardWriter(config.output, window.shard.name)
+            writer.write(window.table)
+            _count(counters, window)
+            if progress:
+                progress(window.table.num_rows)
+            if config.max_errors is not None and counters.error_rows > config.max_errors:
+                raise TooManyErrors(
+                    f"{counters.error_rows} rows failed, more than --max-errors {config.max_errors}; "
+                    f"{len(state.completed)} finished shards are kept in {config.output}, the current one is dropped"
+                )
+            if window.last_of_shard:
+                writer.commit()
+                state.record(window.shard.name, writer.rows)
+                writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return counters
+
+
 def _prepare(
     config: RunConfig, files: list[InputFile], shards: list[Shard], tokenizer: object, model_dir: ModelDir
 ) -> Iterator[_Window]:
@@ -207,75 +250,33 @@ def _prepare(
     for shard in shards:
         batches = list(read_shard(files[shard.file_index], shard, config.read_batch_rows))
         for position, table in enumerate(batches):
-            unreadable: dict[int, str] = {}
-            texts, invalid = column_texts(table.column(config.text_column))
-            unreadable.update((row, f"invalid UTF-8 in column {config.text_column!r}") for row in invalid)
-            pairs = None
-            if config.text_pair_column:
-                pairs, invalid = column_texts(table.column(config.text_pair_column))
-                unreadable.update((row, f"invalid UTF-8 in column {config.text_pair_column!r}") for row in invalid)
-            tokens = tokenize_window(tokenizer, texts, pairs)  # type: ignore[arg-type]
-            padded = list(
-                iter_padded_batches(tokens.token_ids, tokens.type_ids, pad_id, config.batch_size, config.max_tokens)
-            )
+            tokens, unreadable = tokenize_rows(config, tokenizer, table)
+            padded = pad_window(config, tokens, pad_id)
             yield _Window(shard, table, tokens, padded, unreadable, last_of_shard=position == len(batches) - 1)
 
 
 def _compute(windows: Iterator[_Window], runner: Runner, config: RunConfig, vocabulary: list[str], model_dir: ModelDir) -> Iterator[_Window]:
-    """Stage 2: run every batch of a window; a failing batch is split until the bad row is isolated."""
+    """Stage 2: run every batch of a window."""
     for window in windows:
-        window.results = WindowResults(model_dir.manifest, window.table.num_rows, config.top_k, vocabulary)
-        window.errors = [_null_note(config) if null else None for null in window.tokens.null]
-        for row, note in window.unreadable.items():  # read as null, but say why
-            window.errors[row] = note
-        for batch in window.batches:
-            _run_splitting(runner, batch, window)
+        window.results, window.errors = run_window(
+            config, runner, model_dir.manifest, vocabulary, window.tokens, window.batches, window.unreadable
+        )
         yield window
 
 
-def _run_splitting(runner: Runner, batch: PaddedBatch, window: _Window) -> None:
-    try:
-        outputs = runner.run(batch)
-    except Exception as error:  # onnxruntime raises its own types for OOM and kernel failures
-        if len(batch.rows) == 1:
-            window.errors[int(batch.rows[0])] = f"inference failed: {type(error).__name__}: {error}"
-            window.tokens.null[batch.rows[0]] = True
-            return
-        half = len(batch.rows) // 2
-        for part in (slice(0, half), slice(half, None)):
-            _run_splitting(runner, _sub_batch(batch, part), window)
-        return
+def _finish(config: RunConfig, window: _Window) -> ComputedWindow:
+    """Stage 3 (the writer's thread): a run window's output table and counts."""
     assert window.results is not None
-    window.results.add(batch, outputs)
+    error_rows, truncated_rows, tokens = count_window(window.tokens, window.errors)
+    table = output_table(config, window.table, window.tokens, window.results, window.errors)
+    return ComputedWindow(window.shard, table, error_rows, truncated_rows, tokens, window.last_of_shard)
 
 
-def _sub_batch(batch: PaddedBatch, part: slice) -> PaddedBatch:
-    mask = batch.attention_mask[part]
-    width = max(1, int(mask.sum(axis=1).max()))
-    return PaddedBatch(batch.rows[part], batch.input_ids[part, :width], mask[:, :width], batch.token_type_ids[part, :width])
-
-
-def _null_note(config: RunConfig) -> str:
-    columns = [config.text_column] + ([config.text_pair_column] if config.text_pair_column else [])
-    return f"null text in column {' or '.join(repr(c) for c in columns)}"
-
-
-def _output_table(config: RunConfig, window: _Window) -> pa.Table:
-    assert window.results is not None
-    table = window.table
-    if not config.keep_text:
-        table = table.drop_columns([config.text_column])
-    columns = window.results.columns(window.tokens.null, window.tokens.token_ids, window.errors)
-    for name, values in columns.items():
-        table = table.append_column(name, values)
-    return pa.Table.from_batches([table])
-
-
-def _count(counters: _Counters, window: _Window) -> None:
+def _count(counters: _Counters, window: ComputedWindow) -> None:
     counters.rows += window.table.num_rows
-    counters.error_rows += sum(error is not None for error in window.errors)
-    counters.truncated_rows += int(window.tokens.truncated.sum())
-    counters.tokens += int(np.sum(window.tokens.lengths))
+    counters.error_rows += window.error_rows
+    counters.truncated_rows += window.truncated_rows
+    counters.tokens += window.tokens
 
 
 def _write_success(state: object, counters: _Counters, provider: str) -> None:
