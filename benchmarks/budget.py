@@ -52,12 +52,12 @@ def calibrate(runner: Runner, shape: Shape, rows: int = 4, seq: int = 128) -> fl
         np.arange(rows), np.full((rows, seq), 2023, np.int64), np.ones((rows, seq), np.int64), np.zeros((rows, seq), np.int64)
     )
     runner.run(batch)
-    fastest = float("inf")
-    for _ in range(3):  # the best of three: a shared machine only ever slows a run down
+    seconds = []
+    for _ in range(3):  # the median: a prediction of the whole run should include the usual interference
         start = time.perf_counter()
         runner.run(batch)
-        fastest = min(fastest, time.perf_counter() - start)
-    return shape.flops(np.full(rows, seq)) / fastest
+        seconds.append(time.perf_counter() - start)
+    return shape.flops(np.full(rows, seq)) / float(np.median(seconds))
 
 
 def estimate_seconds(

@@ -12,6 +12,7 @@ a row of n tokens costs n x (2P + 4 L n H).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -42,6 +43,7 @@ BERT_BASE = {
     "intermediate_size": 3072,
     "max_position_embeddings": 512,
 }
+FINGERPRINT_FILE = "benchmark-fingerprint.txt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -88,7 +90,7 @@ def build_bert_base(directory: Path) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(**BERT_BASE))
+    model = transformers.BertModel(transformers.BertConfig(**BERT_BASE))  # type: ignore[arg-type]
     partial = directory.parent / f".{directory.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
@@ -113,15 +115,30 @@ def supported_variants() -> dict[Variant, bool]:
     return {variant: set(options) <= fields for variant, options in _VARIANT_OPTIONS.items()}
 
 
+def export_fingerprint(checkpoint: Path, variant: Variant) -> str:
+    """What an export depends on: the checkpoint, the variant's options and the exporter's own source code."""
+    import exporter
+
+    digest = hashlib.sha256(json.dumps([str(checkpoint.resolve()), variant, _VARIANT_OPTIONS[variant]]).encode())
+    for source in sorted(Path(exporter.__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def export_variant(checkpoint: Path, variant: Variant, directory: Path, log: Callable[[str], None]) -> ModelDir:
-    """Export ``checkpoint`` as an embedding model in ``variant``, reusing an earlier export in ``directory``."""
+    """Export ``checkpoint`` as an embedding model in ``variant``, reusing an earlier export in ``directory``
+    only if it was made from the same checkpoint, options and exporter code."""
     from exporter.export import ExportConfig, export_model
 
-    if (directory / MANIFEST_NAME).is_file() and read_manifest(directory).validated:
-        return open_model_dir(directory)
+    fingerprint = export_fingerprint(checkpoint, variant)
+    stamp = directory / FINGERPRINT_FILE
+    if (directory / MANIFEST_NAME).is_file() and stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        if read_manifest(directory).validated:
+            return open_model_dir(directory)
     log(f"exporting {checkpoint.name} as {variant} into {directory}")
     config = ExportConfig(source=str(checkpoint), task="embed", out=directory, overwrite=True, **_VARIANT_OPTIONS[variant])  # type: ignore[arg-type]
     export_model(config, log=lambda line: log(f"  {line}"))
+    stamp.write_text(fingerprint + "\n")
     return open_model_dir(directory)
 
 

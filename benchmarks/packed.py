@@ -30,8 +30,8 @@ def rowwise_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     output = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        rows = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # [1, heads, n, head_dim]
-        output[start:end] = nn.functional.scaled_dot_product_attention(*rows)[0].transpose(0, 1)
+        query, key, value = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, head_dim]
+        output[start:end] = nn.functional.scaled_dot_product_attention(query, key, value)[0].transpose(0, 1)
     return output
 
 

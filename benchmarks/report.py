@@ -167,15 +167,20 @@ def plot(path: Path, numbers: list[dict[str, Any]], title: str) -> None:
 
     labels = bucket_labels()
     figure, axes = plt.subplots(figsize=(10, 5.5))
+    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+    colors: dict[str, str] = {}  # a variant's worker line and its ceiling share a colour
     for n in numbers:
         if n["dataset"] != "mixed" or n["error"]:
             continue
+        key = n.get("variant") or n["name"]
+        color = colors.setdefault(key, next(palette))
         if n["kind"] == "worker":
-            axes.axhline(n["tokens_per_second"], linestyle="--", linewidth=1.2, label=f"{n['name']} (whole file)")
+            axes.axhline(n["tokens_per_second"], color=color, linestyle="--", linewidth=1.2, label=f"{n['name']} (whole file)")
             continue
         values = [n["bucket_tokens_per_second"][label] for label in labels]
         xs = [i for i, v in enumerate(values) if v]
-        axes.plot(xs, [values[i] for i in xs], marker="o", linestyle=":" if n["kind"] == "ceiling" else "-", label=n["name"])
+        style = ":" if n["kind"] == "ceiling" else "-"
+        axes.plot(xs, [values[i] for i in xs], color=color, marker="o", linestyle=style, label=n["name"])
     axes.set_xticks(range(len(labels)), labels)
     axes.set_xlabel("row length (tokens)")
     axes.set_ylabel("real tokens per second")

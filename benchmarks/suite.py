@@ -37,13 +37,20 @@ class Setup:
     max_tokens: int
     configs: frozenset[str]
     work: Path
+    repeats: int = 1
 
     @property
     def model_dirs(self) -> dict[str, ModelDir]:
         return {name: md for name, md in self.variants.items() if isinstance(md, ModelDir)}
 
 
-Job = tuple[Kind, str, str, Callable[[], Measurement]]
+@dataclass(frozen=True)
+class Job:
+    kind: Kind
+    name: str
+    precision: str
+    variant: str | None  # the ONNX variant, for worker and ceiling rows
+    run: Callable[[], Measurement]
 
 
 def jobs_for(setup: Setup, dataset: Dataset, lengths: np.ndarray) -> list[Job]:
@@ -57,43 +64,64 @@ def jobs_for(setup: Setup, dataset: Dataset, lengths: np.ndarray) -> list[Job]:
     if "users" in setup.configs:
         for precision in ("fp32", "fp16") if cuda else ("fp32",):
             run = partial(torch_baselines.run_users_loop, *common, precision, dataset.name)
-            jobs.append(("pytorch-users", f"PyTorch as users write it ({precision})", precision, run))
+            jobs.append(Job("pytorch-users", f"PyTorch as users write it ({precision})", precision, None, run))
     if "best" in setup.configs:
         run = partial(torch_baselines.run_best_config, *common, best_precision, dataset.name, setup.batch_size, setup.max_tokens)
-        jobs.append(("pytorch-best", f"PyTorch best: SDPA, sorted batches ({best_precision})", best_precision, run))
+        jobs.append(Job("pytorch-best", f"PyTorch best: SDPA, sorted batches ({best_precision})", best_precision, None, run))
     if "packed" in setup.configs and cuda:
         run = partial(torch_baselines.run_packed, *common, "fp16", dataset.name)
-        jobs.append(("pytorch-packed", "PyTorch padding-free: flash varlen (fp16)", "fp16", run))
+        jobs.append(Job("pytorch-packed", "PyTorch padding-free: flash varlen (fp16)", "fp16", None, run))
     for variant, model_dir in setup.variants.items():
         precision = models.precision_of(variant)
+        if isinstance(model_dir, str):  # its export failed: the rows show why
+            failed = partial(_raise, model_dir)
+            if "worker" in setup.configs:
+                jobs.append(Job("worker", f"worker end to end ({variant})", precision, variant, failed))
+            if "ceiling" in setup.configs:
+                jobs.append(Job("ceiling", f"ceiling: ONNX session, fixed shapes ({variant})", precision, variant, failed))
+            continue
         if "worker" in setup.configs:
             run = partial(
                 worker_e2e.run_worker, model_dir, dataset, lengths, setup.shape, variant, precision, setup.device,
                 setup.threads, (setup.batch_size, setup.max_tokens), setup.work,
             )
-            jobs.append(("worker", f"worker end to end ({variant})", precision, _unless_failed(model_dir, run)))
+            jobs.append(Job("worker", f"worker end to end ({variant})", precision, variant, run))
         if "ceiling" in setup.configs:
             run = partial(_run_ceiling, setup, model_dir, lengths, variant, precision, dataset.name)
-            jobs.append(("ceiling", f"ceiling: ONNX session, fixed shapes ({variant})", precision, _unless_failed(model_dir, run)))
+            jobs.append(Job("ceiling", f"ceiling: ONNX session, fixed shapes ({variant})", precision, variant, run))
     return jobs
 
 
 def run_dataset(setup: Setup, dataset: Dataset, lengths: np.ndarray, log: Callable[[str], None]) -> list[Measurement]:
-    """Every configuration over one dataset; one that raises becomes a FAILED row (and a failed exit code)."""
-    results = []
-    for kind, name, precision, job in jobs_for(setup, dataset, lengths):
-        log(f"[{dataset.name}] {name} ...")
-        try:
-            result = job()
-        except Exception as error:  # printed in full here, shown as FAILED in the table, and the exit code is 1
-            traceback.print_exc(file=sys.stderr)
-            result = Measurement(kind, name, dataset.name, precision, error=f"{type(error).__name__}: {error}")
-        if kind in ("worker", "ceiling"):
-            result.extra["variant"] = name.rsplit("(", 1)[1].rstrip(")")
-        outcome = f"{result.rows_per_second:,.1f} rows/s" if result.error is None else f"FAILED {result.error}"
-        log(f"[{dataset.name}] {name}: {outcome}")
-        results.append(result)
-        _release(setup.device)
+    """Every configuration over one dataset; with repeats, round after round, keeping each one's fastest run.
+
+    Rounds (rather than back-to-back repeats) spread a neighbour's load over all configurations
+    alike, and on a shared machine interference only ever slows a run down. A configuration that
+    raises becomes a FAILED row (and a failed exit code) and is not repeated.
+    """
+    jobs = jobs_for(setup, dataset, lengths)
+    best: list[Measurement | None] = [None] * len(jobs)
+    for round_number in range(setup.repeats):
+        for index, job in enumerate(jobs):
+            kept = best[index]
+            if kept is not None and kept.error is not None:
+                continue
+            log(f"[{dataset.name}] {job.name} (run {round_number + 1}/{setup.repeats}) ...")
+            try:
+                result = job.run()
+            except Exception as error:  # printed in full here, shown as FAILED in the table, and the exit code is 1
+                traceback.print_exc(file=sys.stderr)
+                result = Measurement(job.kind, job.name, dataset.name, job.precision, error=f"{type(error).__name__}: {error}")
+            outcome = f"{result.rows_per_second:,.1f} rows/s" if result.error is None else f"FAILED {result.error}"
+            log(f"[{dataset.name}] {job.name}: {outcome}")
+            if kept is None or result.error is not None or result.seconds < kept.seconds:
+                best[index] = result
+            _release(setup.device)
+    results = [result for result in best if result is not None]
+    for result, job in zip(results, jobs):
+        result.extra["repeats"] = setup.repeats
+        if job.variant is not None:
+            result.extra["variant"] = job.variant
     return results
 
 
@@ -105,15 +133,8 @@ def _run_ceiling(setup: Setup, model_dir: ModelDir, lengths: np.ndarray, variant
     return run_ceiling(runner, lengths, setup.shape, variant, precision, dataset, setup.batch_size, setup.max_tokens)
 
 
-def _unless_failed(model_dir: ModelDir | str, run: Callable[[], Measurement]) -> Callable[[], Measurement]:
-    """``run``, or, for a variant whose export failed, a job that raises that failure."""
-    if not isinstance(model_dir, str):
-        return run
-
-    def fail() -> Measurement:
-        raise RuntimeError(model_dir)
-
-    return fail
+def _raise(message: str) -> Measurement:
+    raise RuntimeError(message)
 
 
 def _release(device: str) -> None:
