@@ -26,7 +26,7 @@ from worker.runner import ModelDir, Runner, open_model_dir
 from worker.sink import TEMP_MARK, ShardWriter
 from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
 from worker.tokenize import TokenizedWindow, load_tokenizer
-from worker.window import ComputedWindow, count_window, output_table, pad_window, run_window, tokenize_rows
+from worker.window import ComputedWindow, finish_window, pad_window, run_window, tokenize_rows
 
 Engine = AbstractContextManager[tuple[str, Iterator[ComputedWindow]]]  # (provider, computed windows in shard order)
 
@@ -267,9 +267,7 @@ def _compute(windows: Iterator[_Window], runner: Runner, config: RunConfig, voca
 def _finish(config: RunConfig, window: _Window) -> ComputedWindow:
     """Stage 3 (the writer's thread): a run window's output table and counts."""
     assert window.results is not None
-    error_rows, truncated_rows, tokens = count_window(window.tokens, window.errors)
-    table = output_table(config, window.table, window.tokens, window.results, window.errors)
-    return ComputedWindow(window.shard, table, error_rows, truncated_rows, tokens, window.last_of_shard)
+    return finish_window(config, window.shard, window.table, window.tokens, window.results, window.errors, window.last_of_shard)
 
 
 def _count(counters: _Counters, window: ComputedWindow) -> None:

@@ -20,8 +20,10 @@ If the driver dies, committed shards stay and a rerun resumes like a local one.
 from __future__ import annotations
 
 import functools
+import os
 import pickle
-from collections.abc import Iterator
+import warnings
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,19 +31,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from worker.config import RunConfig
+from worker.config import Device, RunConfig
 from worker.decode import vocabulary_of
 from worker.errors import DeviceUnavailable, EngineError, UsageError, WorkerError
 from worker.runner import CPU, CUDA, ModelDir, Runner, open_model_dir
 from worker.source import InputFile, Shard, read_shard
 from worker.tokenize import TokenizedWindow, load_tokenizer
-from worker.window import ComputedWindow, count_window, output_table, pad_window, run_window, tokenize_rows
+from worker.window import ComputedWindow, finish_window, pad_window, run_window, tokenize_rows
 
 WINDOW_COLUMN = "window"  # the one column of the pipeline's rows: a pickled window
-# An actor that dies is restarted (a lost node, an OOM kill); the windows it held are retried,
+# An actor that dies is restarted (a lost node, an OOM kill) and the windows it held are retried,
 # but a window that has killed its actor this many times fails the job rather than loop forever.
+# (Read tasks keep Ray Data's default: retried whenever their worker dies.)
 WINDOW_RETRIES = 3
-READ_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class WorkerPlan:
 
     cpus: float
     gpus: float
-    device: str  # "cuda" when the actor holds GPUs (CUDA is then required), else "cpu"
+    device: Device  # "cuda" when the actor holds GPUs (CUDA is then required), else "cpu"
     threads: int | None
 
     @property
@@ -92,7 +94,7 @@ def compute_on_ray(
     Joins ``config.ray_address``, or the Ray runtime this process already runs, or starts a
     local one (shut down on leaving).
     """
-    with _ray_runtime(config.ray_address):
+    with _ray_runtime(config):
         plan = plan_workers(config)
         dataset = _build_dataset(config, model_dir, max_length, files, shards, plan)
         provider = f"{plan.provider} on {config.num_workers} Ray workers"
@@ -132,11 +134,12 @@ def plan_workers(config: RunConfig) -> WorkerPlan:
 
 
 @contextmanager
-def _ray_runtime(address: str | None) -> Iterator[None]:
+def _ray_runtime(config: RunConfig) -> Iterator[None]:
     try:
         import ray
     except ImportError as error:
         raise UsageError("--engine ray needs Ray: pip install 'bertbatch[ray]'") from error
+    address = config.ray_address
     if ray.is_initialized():  # the calling application already runs Ray: use its runtime, leave it running
         if address is not None:
             raise UsageError(f"--ray-address {address}: this process is already connected to a Ray cluster")
@@ -144,7 +147,10 @@ def _ray_runtime(address: str | None) -> Iterator[None]:
         return
     try:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            # Logical CPUs for the workers and one reading stage even on a machine with fewer cores:
+            # they share the cores, where a cluster of real CPUs would leave the job waiting forever.
+            cpus = max(os.cpu_count() or 1, config.num_workers * (config.threads or 1) + 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=address, log_to_driver=True)
     except ConnectionError as error:
@@ -166,10 +172,16 @@ def _build_dataset(
     read = functools.partial(
         _read_and_tokenize, config=config, files=files, shards=shards, tokenizer_file=model_dir.tokenizer_file.absolute(), max_length=max_length
     )
-    dataset = (
+    tokenized = (
         ray.data.range(len(shards), override_num_blocks=max(1, len(shards)))
-        .map_batches(read, batch_size=None, batch_format="pyarrow", num_cpus=1, max_retries=READ_RETRIES)
-        .map_batches(
+        .map_batches(read, batch_size=None, batch_format="pyarrow", num_cpus=1)
+        # A block per window, so windows (not whole shards) are shared out to actors and retried.
+        .repartition(target_num_rows_per_block=1)
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates these keyword arguments and names no replacement yet; pyproject caps Ray below 2.64.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = tokenized.map_batches(
             _InferenceActor,
             fn_constructor_args=(config, model_path, max_length, plan),
             batch_size=1,  # one row, one window
@@ -180,7 +192,6 @@ def _build_dataset(
             max_restarts=-1,
             max_task_retries=WINDOW_RETRIES,
         )
-    )
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # the CLI draws its own
     # A UDF's own error (e.g. a model directory that a node cannot see) rather than a wrapper.
@@ -188,7 +199,7 @@ def _build_dataset(
     return dataset
 
 
-def _in_order(dataset: Any, shards: list[Shard]) -> Iterator[ComputedWindow]:
+def _in_order(dataset: Any, shards: list[Shard]) -> Generator[ComputedWindow, None, None]:
     """The dataset's windows, checked to come once each, in shard and window order."""
     import ray
 
@@ -251,13 +262,22 @@ class _InferenceActor:
 
     def __init__(self, config: RunConfig, model_path: Path, max_length: int, plan: WorkerPlan) -> None:
         self.config = config
-        self.model_dir = open_model_dir(model_path)  # on this node: the model must be on shared storage
-        self.runner = Runner(self.model_dir, plan.device, plan.threads)  # type: ignore[arg-type]
-        tokenizer = load_tokenizer(self.model_dir.tokenizer_file, max_length)
+        # Ray hands a task's exception back to the driver as itself, but (in some versions) a
+        # constructor's only as text: a worker that cannot load its model fails its first window.
+        self.failure: WorkerError | None = None
+        try:
+            self.model_dir = open_model_dir(model_path)  # on this node: the model must be on shared storage
+            self.runner = Runner(self.model_dir, plan.device, plan.threads)
+            tokenizer = load_tokenizer(self.model_dir.tokenizer_file, max_length)
+        except WorkerError as error:
+            self.failure = error
+            return
         self.vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
         self.pad_id = self.model_dir.manifest.special_tokens.pad
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.failure is not None:
+            raise self.failure
         computed = []
         for cell in batch.column(WINDOW_COLUMN).to_pylist():
             ready: _TokenizedWindow = pickle.loads(cell)
@@ -265,11 +285,10 @@ class _InferenceActor:
             results, errors = run_window(
                 self.config, self.runner, self.model_dir.manifest, self.vocabulary, ready.tokens, batches, ready.unreadable
             )
-            error_rows, truncated_rows, tokens = count_window(ready.tokens, errors)
-            table = output_table(self.config, ready.table, ready.tokens, results, errors)
-            computed.append((ready.window, ComputedWindow(ready.shard, table, error_rows, truncated_rows, tokens, ready.last_of_shard)))
+            finished = finish_window(self.config, ready.shard, ready.table, ready.tokens, results, errors, ready.last_of_shard)
+            computed.append((ready.window, finished))
         return _cells(computed)
 
 
-def _cells(items: list[object]) -> pa.Table:
+def _cells(items: Sequence[object]) -> pa.Table:
     return pa.table({WINDOW_COLUMN: pa.array([pickle.dumps(item, protocol=5) for item in items], pa.large_binary())})

@@ -73,20 +73,28 @@ def run_window(
     return results, errors
 
 
-def output_table(
-    config: RunConfig, table: pa.RecordBatch, tokens: TokenizedWindow, results: WindowResults, errors: list[str | None]
-) -> pa.Table:
-    """The window's output rows: its input columns (less the text, unless ``--keep-text``) and the results."""
+def finish_window(
+    config: RunConfig,
+    shard: Shard,
+    table: pa.RecordBatch,
+    tokens: TokenizedWindow,
+    results: WindowResults,
+    errors: list[str | None],
+    last_of_shard: bool,
+) -> ComputedWindow:
+    """The window's output rows (its input columns, less the text unless ``--keep-text``, then the results) and counts."""
     if not config.keep_text:
         table = table.drop_columns([config.text_column])
     for name, values in results.columns(tokens.null, tokens.token_ids, errors).items():
         table = table.append_column(name, values)
-    return pa.Table.from_batches([table])
-
-
-def count_window(tokens: TokenizedWindow, errors: list[str | None]) -> tuple[int, int, int]:
-    """``(error rows, truncated rows, tokens)`` of a computed window, for the job summary."""
-    return sum(error is not None for error in errors), int(tokens.truncated.sum()), int(np.sum(tokens.lengths))
+    return ComputedWindow(
+        shard=shard,
+        table=pa.Table.from_batches([table]),
+        error_rows=sum(error is not None for error in errors),
+        truncated_rows=int(tokens.truncated.sum()),
+        tokens=int(np.sum(tokens.lengths)),
+        last_of_shard=last_of_shard,
+    )
 
 
 def _run_splitting(
