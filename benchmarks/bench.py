@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks import budget, data, models, report
 from benchmarks.measure import Measurement, measure_peak_flops
 from benchmarks.suite import CONFIGS, Device, Setup, run_dataset
+from worker.config import BATCH_LIMITS
 
 DEFAULT_ROWS = {"cpu": 2000, "cuda": 20000}
 DEFAULT_VARIANTS = {"cpu": "fp32,optimized,int8", "cuda": "optimized,fp16"}
@@ -49,8 +50,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", help="ONNX variants for --arch, of fp32,optimized,int8,fp16 (default CPU: fp32,optimized,int8; GPU: optimized,fp16)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to run, of {','.join(CONFIGS)} (default all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the JSON, the PNG and cached exports go")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per batch: worker, best PyTorch, ceiling (default: the worker's 64)")
-    parser.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per batch for the same (default: the worker's 16384)")
+    parser.add_argument("--batch-size", type=int, help="rows per batch: worker, best PyTorch, ceiling (default: the worker's for the device)")
+    parser.add_argument("--max-tokens", type=int, help="padded tokens per batch for the same (default: the worker's for the device)")
     parser.add_argument("--threads", type=int, help="intra-op threads for onnxruntime and torch (default: their own)")
     parser.add_argument("--max-seconds", type=float, help="measurement budget; rows are cut, alike for every configuration, to fit (default 240 on CPU, none on GPU; 0 = none)")
     parser.add_argument("--repeats", type=int, default=1, help="run each configuration this many times and keep the fastest (default 1)")
@@ -174,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = usable[0].manifest
     if manifest.task != "embed" or (manifest.layers or "last") != "last" or manifest.token_embeddings:
         raise SystemExit(f"{usable[0].path}: the benchmark measures embedding exports (last layer, pooled vectors only)")
+    default_rows, default_tokens = BATCH_LIMITS["cuda" if device == "cuda" else "cpu"]
     setup = Setup(
-        checkpoint, variants, manifest, models.shape_of(checkpoint), device, arguments.threads, arguments.batch_size,
-        arguments.max_tokens, frozenset(arguments.configs.split(",")), arguments.out / "work", max(1, arguments.repeats),
+        checkpoint, variants, manifest, models.shape_of(checkpoint), device, arguments.threads,
+        arguments.batch_size or default_rows, arguments.max_tokens or default_tokens, frozenset(arguments.configs.split(",")), arguments.out / "work", max(1, arguments.repeats),
     )
     datasets, distributions, plan = prepare_datasets(setup, arguments, notes, log)
     peak, peak_note = measure_peak_flops(device)

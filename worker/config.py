@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
@@ -31,8 +31,8 @@ class RunConfig:
     text_column: str
     text_pair_column: str | None = None
     id_column: str | None = None
-    batch_size: int = 64
-    max_tokens: int | None = 16384
+    batch_size: int | None = None  # None: chosen by device, see BATCH_LIMITS
+    max_tokens: int | None = None
     max_length: int | None = None
     device: Device = "auto"
     top_k: int | None = None
@@ -69,3 +69,19 @@ def config_from_spec(spec: dict[str, Any]) -> RunConfig:
 
 def _json_value(value: object) -> object:
     return str(value) if isinstance(value, Path) else value
+
+
+# (rows, padded tokens) per model call when --batch-size / --max-tokens are not given.
+# A CPU is fastest on small batches that stay in cache (MiniLM on 2 cores: 80 rows/s at
+# 2,048 tokens against 67 at 16,384); a GPU needs large ones to fill it.
+BATCH_LIMITS: dict[str, tuple[int, int]] = {"cpu": (64, 2048), "cuda": (1024, 32768)}
+
+
+def with_batch_limits(config: RunConfig, on_gpu: bool) -> RunConfig:
+    """Fill in the batch limits the user left to the device."""
+    rows, tokens = BATCH_LIMITS["cuda" if on_gpu else "cpu"]
+    return replace(
+        config,
+        batch_size=config.batch_size if config.batch_size is not None else rows,
+        max_tokens=config.max_tokens if config.max_tokens is not None else tokens,
+    )

@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from worker.batching import PaddedBatch
-from worker.config import Device, RunConfig
+from worker.config import Device, RunConfig, with_batch_limits
 from worker.decode import WindowResults, result_schema, vocabulary_of
 from worker.errors import InputError, InputSchemaError, OutputError, TooManyErrors, UsageError
 from worker.jobstate import JobState, OutputLock, job_identity, open_job
 from worker.pipeline import in_background
-from worker.runner import ModelDir, Runner, open_model_dir
+from worker.runner import CUDA, ModelDir, Runner, open_model_dir
 from worker.sink import TEMP_MARK, ShardWriter
 from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
 from worker.tokenize import TokenizedWindow, load_tokenizer
@@ -145,8 +145,10 @@ def run_job(
 
 def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
     manifest = model_dir.manifest
-    if config.batch_size < 1:
+    if config.batch_size is not None and config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {config.max_tokens}")
     if config.rows_per_shard < 1:
         raise UsageError(f"--rows-per-shard must be at least 1, got {config.rows_per_shard}")
     if config.max_errors is not None and config.max_errors < 0:
@@ -200,6 +202,7 @@ def _compute_locally(
 ) -> Iterator[tuple[str, Iterator[ComputedWindow]]]:
     """The local engine: reading and tokenizing, and running the model, in two threads of this process."""
     runner = make_runner(model_dir, config.device, config.threads)
+    config = with_batch_limits(config, on_gpu=runner.provider == CUDA)
     tokenizer = load_tokenizer(model_dir.tokenizer_file, max_length)
     vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
     # The read stage is owned by the run stage only, so closing ``computed`` stops both threads.

@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from worker.config import Device, RunConfig
+from worker.config import Device, RunConfig, with_batch_limits
 from worker.decode import vocabulary_of
 from worker.errors import DeviceUnavailable, EngineError, UsageError, WorkerError
 from worker.runner import CPU, CUDA, ModelDir, Runner, open_model_dir
@@ -96,6 +96,7 @@ def compute_on_ray(
     """
     with _ray_runtime(config):
         plan = plan_workers(config)
+        config = with_batch_limits(config, on_gpu=plan.gpus > 0)
         dataset = _build_dataset(config, model_dir, max_length, files, shards, plan)
         provider = f"{plan.provider} on {config.num_workers} Ray workers"
         windows = _in_order(dataset, shards)
