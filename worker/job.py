@@ -7,6 +7,7 @@ job file, so a rerun of the same command skips what is done.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -280,10 +281,8 @@ def _count(counters: _Counters, window: ComputedWindow) -> None:
     counters.tokens += window.tokens
 
 
-def _write_success(state: object, counters: _Counters, provider: str) -> None:
-    import json
-
-    path: Path = state.success_file  # type: ignore[attr-defined]
+def _write_success(state: JobState, counters: _Counters, provider: str) -> None:
+    path = state.success_file
     temporary = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     try:
         temporary.write_text(json.dumps({"rows_this_run": counters.rows, "error_rows_this_run": counters.error_rows, "provider": provider}) + "\n")
