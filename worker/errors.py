@@ -33,6 +33,10 @@ class ModelDirError(WorkerError):
     exit_code = ExitCode.MODEL_ERROR
 
 
+class InferenceBroken(ModelDirError):
+    """The model failed on every row of a window: the device or the model is broken, not the rows."""
+
+
 class DeviceUnavailable(WorkerError):
     """``--device cuda`` was asked for and onnxruntime cannot use CUDA."""
 

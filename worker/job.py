@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,13 +259,16 @@ def _prepare(
             yield _Window(shard, table, tokens, padded, unreadable, last_of_shard=position == len(batches) - 1)
 
 
-def _compute(windows: Iterator[_Window], runner: Runner, config: RunConfig, vocabulary: list[str], model_dir: ModelDir) -> Iterator[_Window]:
+def _compute(windows: Generator[_Window, None, None], runner: Runner, config: RunConfig, vocabulary: list[str], model_dir: ModelDir) -> Iterator[_Window]:
     """Stage 2: run every batch of a window."""
-    for window in windows:
-        window.results, window.errors = run_window(
-            config, runner, model_dir.manifest, vocabulary, window.tokens, window.batches, window.unreadable
-        )
-        yield window
+    try:
+        for window in windows:
+            window.results, window.errors = run_window(
+                config, runner, model_dir.manifest, vocabulary, window.tokens, window.batches, window.unreadable
+            )
+            yield window
+    finally:
+        windows.close()  # also when this stage fails: stop and join the read stage's thread
 
 
 def _finish(config: RunConfig, window: _Window) -> ComputedWindow:

@@ -16,9 +16,14 @@ from exporter.manifest import Manifest
 from worker.batching import PaddedBatch, iter_padded_batches
 from worker.config import RunConfig
 from worker.decode import WindowResults
+from worker.errors import InferenceBroken
 from worker.runner import Runner
 from worker.source import Shard, column_texts
 from worker.tokenize import TokenizedWindow, tokenize_window
+
+
+INFERENCE_FAILED = "inference failed: "
+SYSTEMIC_FAILURE_ROWS = 8  # a window where at least this many rows, and none other, failed
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,19 @@ def run_window(
         errors[row] = note
     for batch in batches:
         _run_splitting(runner, batch, tokens, results, errors)
+    _refuse_systemic_failure(errors, unreadable, len(tokens.token_ids) - int(tokens.null.sum()))
     return results, errors
+
+
+def _refuse_systemic_failure(errors: list[str | None], unreadable: dict[int, str], succeeded: int) -> None:
+    # One bad row is an error row; a model that fails on every row of a window is broken
+    # (a lost device, a bad install) and must stop the job, not turn a dataset into error rows.
+    failed = [note for row, note in enumerate(errors) if note and note.startswith(INFERENCE_FAILED) and row not in unreadable]
+    if len(failed) >= SYSTEMIC_FAILURE_ROWS and succeeded == 0:
+        raise InferenceBroken(
+            f"the model failed on all {len(failed)} rows of a window ({failed[-1]}); finished shards are kept, "
+            "fix the device or model and run again to resume"
+        )
 
 
 def finish_window(
@@ -105,7 +122,7 @@ def _run_splitting(
         outputs = runner.run(batch)
     except Exception as error:  # onnxruntime raises its own types for OOM and kernel failures
         if len(batch.rows) == 1:
-            errors[int(batch.rows[0])] = f"inference failed: {type(error).__name__}: {error}"
+            errors[int(batch.rows[0])] = f"{INFERENCE_FAILED}{type(error).__name__}: {error}"
             tokens.null[batch.rows[0]] = True
             return
         half = len(batch.rows) // 2

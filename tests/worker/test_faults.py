@@ -145,6 +145,32 @@ def test_a_row_that_fails_even_alone_becomes_an_error_row(
     assert_rows_equal(got, reference, atol=1e-5, except_rows=(POISON_ROW,))
 
 
+def test_a_model_that_fails_on_every_row_stops_the_job_and_keeps_finished_shards(
+    tiny_embed_export: ExportResult, inputs: Path, reference: pa.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lost device fails every batch: that must stop the job (exit 4), not write a dataset of error rows.
+    original = Runner.run
+    calls = [0]
+
+    def device_lost_after_two_calls(self: Runner, batch: PaddedBatch) -> dict[str, np.ndarray]:
+        calls[0] += 1
+        if calls[0] > 2:
+            raise RuntimeException("CUDA failure 999: unknown error")
+        return original(self, batch)
+
+    monkeypatch.setattr(Runner, "run", device_lost_after_two_calls)
+    result = invoke(cli_args(tiny_embed_export, inputs, tmp_path / "out"))
+    assert result.exit_code == ExitCode.MODEL_ERROR, result.output
+    assert "failed on all" in result.output and "CUDA failure 999" in result.output
+    recorded = json.loads((tmp_path / "out" / JOB_FILE).read_text())["completed"]
+    assert 0 < len(recorded) < ROWS // ROWS_PER_SHARD, "the shards finished before the failure are kept"
+    assert not (tmp_path / "out" / SUCCESS_FILE).exists()
+
+    monkeypatch.setattr(Runner, "run", original)
+    assert invoke(cli_args(tiny_embed_export, inputs, tmp_path / "out")).exit_code == 0
+    assert_rows_equal(read_output(tmp_path / "out"), reference, atol=1e-5)
+
+
 @dataclass(frozen=True)
 class Fault:
     """Raise ``error`` at the ``nth`` call of one I/O step."""
