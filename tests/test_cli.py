@@ -254,6 +254,20 @@ def test_device_cuda_without_cuda_exits_6_never_runs_on_cpu(tmp_path: Path, tiny
     assert not list(tmp_path.glob("out/*.parquet"))
 
 
+def test_a_run_that_cannot_start_leaves_the_previous_output_untouched(tmp_path: Path, tiny_embed_export: ExportResult) -> None:
+    # --overwrite replaces another job's output only once the new run is up: a device error changes nothing.
+    if cuda_works(tiny_embed_export.directory / "model.onnx"):
+        pytest.skip("onnxruntime gets CUDA here, so --device cuda starts")
+    data, output = write_input(tmp_path / "in.parquet"), tmp_path / "out"
+    first = invoke(*run_args(tiny_embed_export.directory, data, output, "--device", "cpu", "--max-length", "16"))
+    assert first.exit_code == 0, first.output
+    before = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
+    result = invoke(*run_args(tiny_embed_export.directory, data, output, "--device", "cuda", "--overwrite"))
+    assert result.exit_code == ExitCode.DEVICE_UNAVAILABLE == 6
+    after = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
+    assert after == before
+
+
 @pytest.mark.gpu
 def test_device_cuda_runs_on_cuda(tmp_path: Path, tiny_embed_export: ExportResult, embed_reference: TorchReference) -> None:
     if not cuda_works(tiny_embed_export.directory / "model.onnx"):

@@ -21,7 +21,7 @@ from worker.batching import PaddedBatch
 from worker.config import Device, RunConfig, with_batch_limits
 from worker.decode import WindowResults, result_schema, vocabulary_of
 from worker.errors import InputError, InputSchemaError, OutputError, TooManyErrors, UsageError
-from worker.jobstate import JobState, OutputLock, job_identity, open_job
+from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job
 from worker.pipeline import in_background
 from worker.runner import CUDA, ModelDir, Runner, open_model_dir
 from worker.sink import TEMP_MARK, ShardWriter
@@ -116,9 +116,8 @@ def run_job(
     with OutputLock(config.output):
         state = open_job(config.output, job_identity(config, model_dir, files), config.overwrite)
         pending = [shard for shard in shards if shard.name not in state.completed]
-        if state.success_file.is_file() and not pending:
+        if state.success_file.is_file() and not pending and not state.clear_first:
             return JobSummary(config.output, 0, 0, 0, 0, time.perf_counter() - started, "none", 0, len(shards), True)
-        state.success_file.unlink(missing_ok=True)  # work is pending (a shard was deleted?): not complete now
         engine: Engine
         if config.engine == "ray":
             from worker.ray_engine import compute_on_ray
@@ -127,6 +126,7 @@ def run_job(
         else:
             engine = _compute_locally(config, model_dir, max_length, files, pending, make_runner)
         with engine as (provider, computed):
+            begin(state)  # only now that the engine is up: a run that cannot start changes nothing
             if on_start:
                 on_start(provider, sum(shard.num_rows for shard in pending))
             counters = _write_shards(config, state, computed, progress)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,13 +56,15 @@ class JobState:
     output: Path
     identity: dict[str, Any]
     completed: dict[str, int] = field(default_factory=dict)  # shard name -> rows
+    clear_first: bool = False  # --overwrite of a different job: cleared by ``begin``
 
     def save(self) -> None:
         target = self.output / JOB_FILE
         temporary = self.output / f".{JOB_FILE}{TEMP_MARK}{os.getpid()}"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump({"version": 1, **asdict(self), "output": str(self.output)}, handle, indent=1, sort_keys=True)
+                record = {"version": 1, "identity": self.identity, "completed": self.completed, "output": str(self.output)}
+                json.dump(record, handle, indent=1, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
@@ -114,9 +116,13 @@ class OutputLock:
 
 
 def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobState:
-    """Start or resume the job in ``output`` (the caller holds the lock)."""
+    """Read the job in ``output`` without changing anything (the caller holds the lock).
+
+    Returns the state to resume, or a fresh one; ``begin`` makes it real. Refuses a
+    different job unless ``overwrite``. Nothing is deleted here, so a run that fails
+    before its first batch (no CUDA, a model that does not load) leaves the output as it was.
+    """
     job_file = output / JOB_FILE
-    remove_stale_temporaries(output)
     if job_file.is_file():
         try:
             previous = json.loads(job_file.read_text(encoding="utf-8"))
@@ -133,14 +139,21 @@ def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobStat
                 f"{output}: holds a different job (changed: {', '.join(changed)}); "
                 "use another --output, or --overwrite to replace it"
             )
-        _clear_outputs(output)
-    elif any(p.name != LOCK_FILE for p in output.iterdir()):
+        return JobState(output, identity, clear_first=True)
+    if any(p.name != LOCK_FILE and TEMP_MARK not in p.name for p in output.iterdir()):
         if not overwrite:
             raise OutputConflict(f"{output}: is not empty and holds no bertbatch job; use another --output or --overwrite")
-        _clear_outputs(output)
-    state = JobState(output, identity)
+        return JobState(output, identity, clear_first=True)
+    return JobState(output, identity)
+
+
+def begin(state: JobState) -> None:
+    """Make the job real once work is about to start: clear a replaced job, drop stale temporaries, save."""
+    if state.clear_first:
+        _clear_outputs(state.output)
+    remove_stale_temporaries(state.output)
+    state.success_file.unlink(missing_ok=True)  # work is pending: not complete now
     state.save()
-    return state
 
 
 def _clear_outputs(output: Path) -> None:
