@@ -23,3 +23,9 @@ class ValidationMismatch(ExportError):
 
 class OptimizationError(ExportError):
     """An optimization step (fusion, fp16, quantization) did not do what it must."""
+
+
+class DeviceRequired(ExportError):
+    """The export (or its validation) needs a device this machine lacks: packed attention runs on CUDA only."""
+
+    exit_code = ExitCode.DEVICE_UNAVAILABLE

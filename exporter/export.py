@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.errors import ExportError, OptimizationError, ValidationMismatch
+from exporter.errors import DeviceRequired, ExportError, OptimizationError, ValidationMismatch
 from exporter.manifest import (
     MODEL_FILE,
     TOKENIZER_FILE,
+    Attention,
     Layers,
     Manifest,
     Pooling,
@@ -28,9 +29,18 @@ from exporter.manifest import (
     write_manifest,
 )
 from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
+from exporter.packing import check_packable, convert_to_packed_attention
 from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
 from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
-from exporter.validation import Tolerances, ValidationReport, build_cases, default_tolerances, validate_onnx
+from exporter.validation import (
+    Tolerances,
+    ValidationDevice,
+    ValidationReport,
+    build_cases,
+    cuda_unavailable_reason,
+    default_tolerances,
+    validate_onnx,
+)
 from worker.exit_codes import ExitCode
 
 if TYPE_CHECKING:
@@ -49,6 +59,8 @@ class ExportConfig:
     ``optimize`` fuses attention, layer norms and GELU with onnxruntime's transformer
     optimizer. ``fp16`` (for GPUs) and ``quantize="int8"`` (dynamic, for CPUs) exclude
     each other and start from the fused graph, so they imply ``optimize``.
+    ``packed`` rewrites the fused graph in onnxruntime's packing mode (padding removed
+    inside the graph, CUDA only); it is validated on CUDA, so it exports on a GPU machine.
     ``tolerances=None`` takes the defaults of the final precision (``default_tolerances``).
     """
 
@@ -67,6 +79,7 @@ class ExportConfig:
     optimize: bool = False
     fp16: bool = False
     quantize: Quantization | None = None
+    packed: bool = False
 
     @property
     def precision(self) -> Precision:
@@ -74,7 +87,15 @@ class ExportConfig:
 
     @property
     def fused(self) -> bool:
-        return self.optimize or self.fp16 or self.quantize is not None
+        return self.optimize or self.fp16 or self.quantize is not None or self.packed
+
+    @property
+    def attention(self) -> Attention:
+        return "packed" if self.packed else "padded"
+
+    @property
+    def validation_device(self) -> ValidationDevice:
+        return "cuda" if self.packed else "cpu"
 
     @property
     def validation_tolerances(self) -> Tolerances:
@@ -98,6 +119,10 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     precision = config.precision  # refuses fp16 with int8 before any work
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise OutputExists(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    if config.packed:
+        check_packable(config.layers, precision)
+        _require_cuda("--packed: packed attention runs on CUDA only, and an export is validated where it runs; "
+                      "export on the GPU machine")
     resolved = resolve_source(config.source)
     log(f"loading {config.source} for task {config.task}")
     model, architecture = load_model(resolved, config.task)
@@ -123,6 +148,9 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         try:
             shape = encoder_shape(model.config, settings.layers if config.task == "embed" else "last")
             optimization = optimize_onnx(staging / MODEL_FILE, shape, config.fp16, config.quantize, log=log)
+            if config.packed:
+                log("converting attention to packing mode (RemovePadding, PackedAttention, RestorePadding; CUDA only)")
+                optimization["packing"] = convert_to_packed_attention(staging / MODEL_FILE, shape.num_layers)
         except OptimizationError as error:
             failed = _keep_failed(staging, out)
             raise OptimizationError(f"{out}: {error}; the graph as far as it got is kept in {failed}") from error
@@ -130,7 +158,9 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     tolerances = config.validation_tolerances
     log(f"validating against PyTorch ({precision}: {tolerances.describe()})")
     cases = build_cases(tokenizer, config.task, max_length, special.mask, special.pad)
-    report = validate_onnx(head, staging / MODEL_FILE, config.task, output_names, cases, tolerances)
+    report = validate_onnx(
+        head, staging / MODEL_FILE, config.task, output_names, cases, tolerances, config.validation_device
+    )
     manifest = Manifest(
         task=config.task,
         source=_recorded_source(config.source),
@@ -150,6 +180,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         optimized=config.fused,
         optimization=optimization,
         validation=report.to_dict(),
+        attention=config.attention,
     )
     write_manifest(staging, manifest)
     for line in report.summary_lines():
@@ -166,6 +197,12 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     staging.rename(out)
     log(f"wrote {out}")
     return ExportResult(out, manifest, report)
+
+
+def _require_cuda(why: str) -> None:
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise DeviceRequired(f"{why} ({reason})")
 
 
 def _keep_failed(staging: Path, out: Path) -> Path:
@@ -278,10 +315,12 @@ def revalidate(
     tolerances: Tolerances | None = None,
     log: Callable[[str], None] = print,
     overrides: dict[str, float] | None = None,
+    device: ValidationDevice | None = None,
 ) -> ValidationReport:
     """Re-run validation of an exported directory against its source checkpoint (``bertbatch validate``).
 
     Tolerances default to the ones recorded at export; ``overrides`` replaces some of them.
+    ``device`` is where onnxruntime runs: CPU by default, CUDA for a packed model (its only choice).
     """
     try:
         manifest = read_manifest(directory)
@@ -301,7 +340,12 @@ def revalidate(
     head = TASK_SPECS[manifest.task].build_head(model, architecture, settings)
     chosen = replace(tolerances or Tolerances(**manifest.validation.get("tolerances", {})), **(overrides or {}))
     cases = build_cases(tokenizer, manifest.task, manifest.max_length, manifest.special_tokens.mask, manifest.special_tokens.pad)
-    report = validate_onnx(head, directory / manifest.model_file, manifest.task, manifest.outputs, cases, chosen)
+    if manifest.cuda_only and device == "cpu":
+        raise DeviceRequired(f"{directory}: a packed-attention model runs on CUDA only; validate it with --device cuda")
+    chosen_device: ValidationDevice = device or ("cuda" if manifest.cuda_only else "cpu")
+    report = validate_onnx(
+        head, directory / manifest.model_file, manifest.task, manifest.outputs, cases, chosen, chosen_device
+    )
     for line in report.summary_lines():
         log(line)
     if not report.passed:

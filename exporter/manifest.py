@@ -21,6 +21,9 @@ Task = Literal["embed", "fill-mask", "classify"]
 Pooling = Literal["mean", "cls", "pooler"]
 Layers = Literal["last", "second-to-last", "sum-last-four", "concat-last-four"]
 Precision = Literal["fp32", "fp16", "int8"]
+# padded: attention over the padded batch; packed: padding removed inside the graph
+# (onnxruntime's packing mode, CUDA only). The inputs are padded batches either way.
+Attention = Literal["padded", "packed"]
 TASKS: tuple[Task, ...] = ("embed", "fill-mask", "classify")
 
 
@@ -59,10 +62,16 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # What the optimizer did: fused operator counts, float16 or int8 details (exporter/optimize.py).
     optimization: dict[str, Any] = field(default_factory=dict)
+    attention: Attention = "padded"
 
     @property
     def validated(self) -> bool:
         return bool(self.validation.get("passed"))
+
+    @property
+    def cuda_only(self) -> bool:
+        """onnxruntime implements packed attention for CUDA only."""
+        return self.attention == "packed"
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -142,7 +142,7 @@ def fuse_transformer_ops(model_path: Path, shape: EncoderShape) -> dict[str, Any
         )
     _check_interface(before, optimized.model, "fusion")
     optimized.topological_sort()
-    _save_over(optimized.model, model_path)
+    save_over(optimized.model, model_path)
     return {
         "tool": f"onnxruntime.transformers.optimizer {_onnxruntime_version()}",
         "model_type": OPTIMIZER_MODEL_TYPE,
@@ -180,7 +180,7 @@ def convert_to_float16(model_path: Path) -> dict[str, Any]:
     float16 = [t for t in model.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     if not float16:
         raise OptimizationError(f"{model_path}: float16 conversion left no float16 weights")
-    _save_over(model.model, model_path)
+    save_over(model.model, model_path)
     return {
         "float16_op_types": sorted(FLOAT16_OP_TYPES & present),
         "float32_op_types": kept_float32,
@@ -303,7 +303,7 @@ def _check_interface(before: ModelProto, after: ModelProto, step: str) -> None:
         )
 
 
-def _save_over(model: ModelProto, model_path: Path) -> None:
+def save_over(model: ModelProto, model_path: Path) -> None:
     import onnx
 
     temporary = model_path.with_name(f".{model_path.name}.tmp")

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from exporter.manifest import Precision, Task
 from worker.batching import pad_rows
+from worker.runner import cuda_unavailable_reason
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from torch import nn
+
+ValidationDevice = Literal["cpu", "cuda"]
+# Where the ONNX side runs. On CUDA, TF32 is switched off (onnxruntime enables it by
+# default), so float32 matmuls are float32 and the fp32 criteria keep their meaning.
+_ONNX_RUNTIME = {
+    "cpu": "onnxruntime CPUExecutionProvider",
+    "cuda": "onnxruntime CUDAExecutionProvider, TF32 off",
+}
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -120,6 +129,7 @@ class ValidationReport:
     cases: list[dict[str, Any]] = field(default_factory=list)
     outputs: dict[str, OutputStats] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    device: ValidationDevice = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,13 +137,15 @@ class ValidationReport:
             "tolerances": asdict(self.tolerances),
             "criteria": self.tolerances.describe(),
             "reference": "PyTorch fp32 on CPU",
+            "onnx": _ONNX_RUNTIME[self.device],
             "cases": self.cases,
             "outputs": {name: asdict(stats) for name, stats in self.outputs.items()},
             "problems": self.problems,
         }
 
     def summary_lines(self) -> list[str]:
-        lines = [f"validation against PyTorch: {'PASSED' if self.passed else 'FAILED'} ({len(self.cases)} cases)"]
+        lines = [f"validation against PyTorch: {'PASSED' if self.passed else 'FAILED'} ({len(self.cases)} cases, "
+                 f"{_ONNX_RUNTIME[self.device]})"]
         for name, stats in self.outputs.items():
             cosine = "" if stats.min_cosine is None else f"  min cosine {stats.min_cosine:.6f}"
             if stats.mean_cosine is not None:
@@ -276,14 +288,11 @@ def validate_onnx(
     output_names: tuple[str, ...],
     cases: list[ValidationCase],
     tolerances: Tolerances,
+    device: ValidationDevice = "cpu",
 ) -> ValidationReport:
-    """Run every case through PyTorch and onnxruntime (CPU) and compare."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    report = ValidationReport(passed=True, tolerances=tolerances)
+    """Run every case through PyTorch (float32, CPU) and onnxruntime (on ``device``) and compare."""
+    session = validation_session(onnx_path, device)
+    report = ValidationReport(passed=True, tolerances=tolerances, device=device)
     for case in cases:
         reference = reference_outputs(head, case)
         candidate = session.run(list(output_names), case.inputs)
@@ -295,6 +304,30 @@ def validate_onnx(
     report.problems.extend(mean_cosine_problems(report.outputs, tolerances))
     report.passed = not report.problems
     return report
+
+
+def cuda_usable() -> bool:
+    return cuda_unavailable_reason() is None
+
+
+def validation_session(onnx_path: Path, device: ValidationDevice) -> Any:
+    """An onnxruntime session on exactly ``device``; raises ``DeviceRequired`` when CUDA is asked for and missing."""
+    import onnxruntime
+
+    from exporter.errors import DeviceRequired
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if device == "cpu":
+        return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise DeviceRequired(f"{onnx_path}: validating on CUDA needs a working GPU; {reason}")
+    providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise DeviceRequired(f"{onnx_path}: onnxruntime could not initialise CUDA (no GPU, driver or CUDA libraries)")
+    return session
 
 
 def mean_cosine_problems(outputs: dict[str, OutputStats], tolerances: Tolerances) -> list[str]:

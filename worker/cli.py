@@ -115,6 +115,7 @@ def export(
     optimize: Annotated[bool, typer.Option("--optimize", help="Fuse attention, layer norms and GELU (onnxruntime transformer optimizer); fails if attention does not fuse.")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and compute for GPUs (float32 inputs/outputs kept); implies --optimize.")] = False,
     quantize: Annotated[Optional[Literal["int8"]], typer.Option(help="int8: dynamic quantization for CPUs; implies --optimize.")] = None,
+    packed: Annotated[bool, typer.Option("--packed", help="Padding-free attention (onnxruntime packing mode) for GPUs: runs, and is validated, on CUDA only; implies --optimize.")] = False,
     min_cosine: Annotated[Optional[float], typer.Option(help="fp16/int8 validation: lowest cosine allowed for any vector.")] = None,
     min_mean_cosine: Annotated[Optional[float], typer.Option(help="int8 validation: lowest mean cosine allowed for the embeddings.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model directory.")] = False,
@@ -139,6 +140,7 @@ def export(
             optimize=optimize,
             fp16=fp16,
             quantize=quantize,
+            packed=packed,
         )
         export_model(with_tolerances(config, atol, rtol, min_cosine, min_mean_cosine), log=_stderr)
 
@@ -150,6 +152,7 @@ def validate(
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: the export's).")] = None,
     min_cosine: Annotated[Optional[float], typer.Option(help="Lowest vector cosine (default: the export's).")] = None,
     min_mean_cosine: Annotated[Optional[float], typer.Option(help="Lowest mean embedding cosine (default: the export's).")] = None,
+    device: Annotated[Optional[Literal["cpu", "cuda"]], typer.Option(help="Where onnxruntime runs the model (default: cpu; cuda for a --packed export). CUDA runs with TF32 off.")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Re-run an export's validation against its source checkpoint."""
@@ -157,7 +160,7 @@ def validate(
         from exporter.export import revalidate
 
         given = {"atol": atol, "rtol": rtol, "min_cosine": min_cosine, "min_mean_cosine": min_mean_cosine}
-        revalidate(directory, log=_stderr, overrides={name: value for name, value in given.items() if value is not None})
+        revalidate(directory, log=_stderr, overrides={name: value for name, value in given.items() if value is not None}, device=device)
 
 
 def _run_config(

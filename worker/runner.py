@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from worker.errors import DeviceUnavailable, ModelDirError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# A one-node ONNX model (y = Identity(x), float[1], opset 17), serialized here so the worker
+# probes CUDA without the onnx package: onnx.helper.make_model(...).SerializeToString().
+_PROBE_MODEL = (
+    b'\x08\x08:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02'
+    b'\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11'
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,14 @@ def open_model_dir(path: Path) -> ModelDir:
 
 
 class Runner:
-    """One onnxruntime session, loaded once, run batch after batch."""
+    """One onnxruntime session, loaded once, run batch after batch.
+
+    Every batch runs through an IOBinding: on CUDA the inputs are copied to the device
+    once, the outputs stay in device memory until the run ends, and only the results
+    the model returns (pooled embeddings, probabilities, top-k fills: never the hidden
+    states) cross back to the host, in one copy per batch. On CPU the same binding
+    hands onnxruntime the numpy arrays without a copy.
+    """
 
     def __init__(self, model_dir: ModelDir, device: Device, threads: int | None = None) -> None:
         import onnxruntime
@@ -60,17 +74,19 @@ class Runner:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        available = onnxruntime.get_available_providers()
-        want_cuda = device in ("auto", "cuda") and CUDA in available
-        if device == "cuda" and not want_cuda:
+        manifest = model_dir.manifest
+        no_cuda = "--device cpu was asked for" if device == "cpu" else cuda_unavailable_reason()
+        if device == "cuda" and no_cuda:
+            raise DeviceUnavailable(f"--device cuda: {no_cuda}; or use --device cpu")
+        if manifest.cuda_only and no_cuda:
             raise DeviceUnavailable(
-                f"--device cuda: onnxruntime has no CUDA execution provider (available: {', '.join(available)}); "
-                "install onnxruntime-gpu with a matching CUDA, or use --device cpu"
+                f"{model_dir.path}: this export uses packed attention, which onnxruntime runs on CUDA only ({no_cuda}); "
+                "run it on a GPU machine, or use an export made without --packed"
             )
+        want_cuda = no_cuda is None
         providers: list[str | tuple[str, dict[str, str]]] = [CPU]
         if want_cuda:
-            # Grow the arena only by what is asked for, so varied shapes do not balloon device memory.
-            providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested"}), CPU]
+            providers = [(CUDA, cuda_provider_options(manifest)), CPU]
         try:
             self.session = onnxruntime.InferenceSession(str(model_dir.model_file), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -81,7 +97,9 @@ class Runner:
                 "--device cuda: onnxruntime could not initialise CUDA (no GPU, driver or CUDA libraries); "
                 "use --device cpu or --device auto"
             )
-        self.output_names = list(model_dir.manifest.outputs)
+        self.output_names = list(manifest.outputs)
+        self._ortvalue = onnxruntime.OrtValue
+        self._on_cuda = self.provider == CUDA
 
     def run(self, batch: PaddedBatch) -> dict[str, np.ndarray]:
         feeds = {
@@ -89,4 +107,54 @@ class Runner:
             "attention_mask": batch.attention_mask,
             "token_type_ids": batch.token_type_ids,
         }
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            if self._on_cuda:
+                binding.bind_ortvalue_input(name, self._ortvalue.ortvalue_from_numpy(array, "cuda", 0))
+            else:
+                binding.bind_cpu_input(name, array)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda" if self._on_cuda else "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_unavailable_reason() -> str | None:
+    """``None`` when onnxruntime really runs on CUDA here, else why not.
+
+    onnxruntime-gpu lists its CUDA provider even on machines without a GPU, so a
+    one-node model is loaded on it to find out.
+    """
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if CUDA not in available:
+        return f"onnxruntime offers {', '.join(available)}: install onnxruntime-gpu"
+    # The probe's failure is the answer, not news: keep onnxruntime's loader errors off stderr.
+    onnxruntime.set_default_logger_severity(4)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = onnxruntime.InferenceSession(
+            _PROBE_MODEL, options, providers=[CUDA, CPU]
+        )
+    except Exception as error:  # onnxruntime raises its own types; the reason is passed on, not dropped
+        return f"onnxruntime failed to start CUDA: {error}"
+    if session.get_providers()[0] != CUDA:
+        return "onnxruntime-gpu could not initialise CUDA (no GPU, driver or CUDA libraries)"
+    return None
+
+
+def cuda_provider_options(manifest: Manifest) -> dict[str, str]:
+    """CUDA execution provider settings for a model.
+
+    The arena grows only by what each new shape asks for (batch widths are multiples
+    of 8, so a run sees at most max_length / 8 widths) instead of doubling, so device
+    memory stays bounded as shapes vary. TF32 is off for float32 graphs: they were
+    validated in float32, and TF32 matmuls would change their numbers (export --fp16 for speed).
+    """
+    return {
+        "arena_extend_strategy": "kSameAsRequested",
+        "use_tf32": "1" if manifest.precision != "fp32" else "0",
+    }
