@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -34,21 +35,28 @@ def padded_length(longest: int, multiple_of: int) -> int:
 
 def pad_rows(
     token_ids: Sequence[Sequence[int]],
-    type_ids: Sequence[Sequence[int]],
+    type_ids: Sequence[Sequence[int]] | None,
     pad_id: int,
     multiple_of: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad rows into ``(input_ids, attention_mask, token_type_ids)`` int64 arrays."""
-    lengths = [len(row) for row in token_ids]
-    width = padded_length(max(lengths, default=1), multiple_of)
+    """Right-pad rows into ``(input_ids, attention_mask, token_type_ids)`` int64 arrays.
+
+    ``type_ids`` has one entry per token, as the tokenizer gives it, or is ``None`` for
+    single-segment rows (all zeros). Rows are filled in one vectorised step (no per-row
+    Python work): padding runs in the thread that feeds the device.
+    """
+    lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+    if type_ids is not None and not np.array_equal(lengths, np.fromiter(map(len, type_ids), dtype=np.int64, count=len(type_ids))):
+        raise ValueError("token_ids and type_ids must have the same length in every row")
+    width = padded_length(int(lengths.max(initial=1)), multiple_of)
+    valid = np.arange(width) < lengths[:, None]
+    tokens = int(lengths.sum())
     input_ids = np.full((len(token_ids), width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(token_ids), width), dtype=np.int64)
+    input_ids[valid] = np.fromiter(chain.from_iterable(token_ids), dtype=np.int64, count=tokens)
     token_type_ids = np.zeros((len(token_ids), width), dtype=np.int64)
-    for i, (ids, types) in enumerate(zip(token_ids, type_ids)):
-        input_ids[i, : len(ids)] = ids
-        attention_mask[i, : len(ids)] = 1
-        token_type_ids[i, : len(types)] = types
-    return input_ids, attention_mask, token_type_ids
+    if type_ids is not None:
+        token_type_ids[valid] = np.fromiter(chain.from_iterable(type_ids), dtype=np.int64, count=tokens)
+    return input_ids, valid.astype(np.int64), token_type_ids
 
 
 def plan_batches(
@@ -86,7 +94,7 @@ def plan_batches(
 
 def iter_padded_batches(
     token_ids: Sequence[Sequence[int]],
-    type_ids: Sequence[Sequence[int]],
+    type_ids: Sequence[Sequence[int]] | None,
     pad_id: int,
     max_rows: int,
     max_tokens: int | None = None,
@@ -96,5 +104,6 @@ def iter_padded_batches(
     """Plan batches over a window of tokenized rows and pad each one."""
     lengths = [len(row) for row in token_ids]
     for rows in plan_batches(lengths, max_rows, max_tokens, sort_by_length, multiple_of):
-        arrays = pad_rows([token_ids[i] for i in rows], [type_ids[i] for i in rows], pad_id, multiple_of)
+        row_types = None if type_ids is None else [type_ids[i] for i in rows]
+        arrays = pad_rows([token_ids[i] for i in rows], row_types, pad_id, multiple_of)
         yield PaddedBatch(rows, *arrays)

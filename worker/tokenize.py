@@ -14,10 +14,14 @@ from worker.errors import ModelDirError
 
 @dataclass(frozen=True)
 class TokenizedWindow:
-    """Token ids of a window of rows. Null texts are tokenized as empty and flagged."""
+    """Token ids of a window of rows. Null texts are tokenized as empty and flagged.
+
+    ``type_ids`` is ``None`` for single-segment rows, whose segment ids are all 0
+    (not copied out of the tokenizer: that costs as much as padding the batch).
+    """
 
     token_ids: list[list[int]]
-    type_ids: list[list[int]]
+    type_ids: list[list[int]] | None
     truncated: np.ndarray  # bool per row
     null: np.ndarray  # bool per row
 
@@ -49,7 +53,7 @@ def tokenize_window(
         encodings = tokenizer.encode_batch([(text or "", pair or "") for text, pair in zip(texts, pairs)])
     return TokenizedWindow(
         token_ids=[encoding.ids for encoding in encodings],
-        type_ids=[encoding.type_ids for encoding in encodings],
+        type_ids=None if pairs is None else [encoding.type_ids for encoding in encodings],
         truncated=np.fromiter((bool(encoding.overflowing) for encoding in encodings), dtype=bool, count=len(encodings)),
         null=null,
     )

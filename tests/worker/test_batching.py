@@ -44,6 +44,15 @@ def test_pad_rows_right_pads_ids_mask_and_type_ids() -> None:
     assert input_ids.dtype == attention_mask.dtype == token_type_ids.dtype == np.int64
 
 
+def test_pad_rows_single_segment_and_mismatched_type_ids() -> None:
+    input_ids, attention_mask, token_type_ids = pad_rows([[101, 7, 102], [101, 102]], None, pad_id=5)
+    assert input_ids.tolist() == [[101, 7, 102], [101, 102, 5]]
+    assert attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert token_type_ids.tolist() == [[0, 0, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match="same length"):
+        pad_rows([[101, 7, 102]], [[0, 0]], pad_id=0)
+
+
 def test_pad_rows_uses_the_given_pad_id() -> None:
     input_ids, attention_mask, _ = pad_rows([[5, 6, 7], [5]], [[0, 0, 0], [0]], pad_id=3)
     assert input_ids.tolist() == [[5, 6, 7], [5, 3, 3]]
