@@ -7,9 +7,11 @@
 Every configuration runs in this one process on the same generated rows: a log-normal
 length mix (mean ~82 tokens, p99 ~381, cap 512) and a set of 128-token rows. Prints one
 table and the issue's targets, and writes ``<out>/bench-<device>-<model>.json`` (every
-number) and ``.png`` (throughput by length bucket). GPU rows run only where both
-PyTorch and onnxruntime see CUDA. On CPU a time budget (``--max-seconds``) cuts the
-rows, the same rows for every configuration, and the notes say so.
+number) and ``.png`` (throughput by length bucket); exports and the generated data go
+under ``--cache`` (default: ``--out``), and exports are reused while still valid. GPU rows
+and the GPU variants (fp16, packed) run only where both PyTorch and onnxruntime see CUDA.
+On CPU a time budget (``--max-seconds``) cuts the rows, the same rows for every
+configuration, and the notes say so.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from benchmarks.suite import CONFIGS, Device, Setup, run_dataset
 from worker.config import BATCH_LIMITS
 
 DEFAULT_ROWS = {"cpu": 2000, "cuda": 20000}
-DEFAULT_VARIANTS = {"cpu": "fp32,optimized,int8", "cuda": "optimized,fp16"}
+DEFAULT_VARIANTS = {"cpu": "fp32,optimized,int8", "cuda": "optimized,fp16,packed"}
 DEFAULT_BUDGET_SECONDS = {"cpu": 240.0, "cuda": 0.0}
 # How a time budget is shared: the mixed set carries the targets, the fixed set checks one shape.
 BUDGET_SHARES = {"mixed": 0.7, "fixed-128": 0.3}
@@ -47,9 +49,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--model", type=Path, help="an exported model directory, benchmarked as it is")
     parser.add_argument("--rows", type=int, help="rows per dataset (default 2000 on CPU, 20000 on GPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--variants", help="ONNX variants for --arch, of fp32,optimized,int8,fp16 (default CPU: fp32,optimized,int8; GPU: optimized,fp16)")
+    parser.add_argument(
+        "--variants",
+        help=f"ONNX variants for --arch, of {','.join(models.VARIANTS)} (default CPU: {DEFAULT_VARIANTS['cpu']}; GPU: {DEFAULT_VARIANTS['cuda']})",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to run, of {','.join(CONFIGS)} (default all)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the JSON, the PNG and cached exports go")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the JSON and the PNG go")
+    parser.add_argument("--cache", type=Path, help="where exports (reused while valid) and generated data go (default: --out)")
     parser.add_argument("--batch-size", type=int, help="rows per batch: worker, best PyTorch, ceiling (default: the worker's for the device)")
     parser.add_argument("--max-tokens", type=int, help="padded tokens per batch for the same (default: the worker's for the device)")
     parser.add_argument("--threads", type=int, help="intra-op threads for onnxruntime and torch (default: their own)")
@@ -63,6 +69,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("the plot needs matplotlib: pip install 'bertbatch[bench]' (or pass --no-plot)")
+    arguments.cache = arguments.cache or arguments.out
     if arguments.model and arguments.variants:
         parser.error("--variants applies to --arch; --model DIR benchmarks that export as it is")
     unknown = set(arguments.configs.split(",")) - set(CONFIGS)
@@ -95,9 +102,12 @@ def prepare_models(arguments: argparse.Namespace, device: Device, notes: list[st
         checkpoint = resolve_source(model_dir.manifest.source).transformer_dir
         return checkpoint, {models.variant_of(model_dir): model_dir}, arguments.model.name
     arch: models.Arch = arguments.arch or "bert-base"
-    cache = arguments.out / "models"
+    cache = arguments.cache / "models"
     cache.mkdir(parents=True, exist_ok=True)
-    checkpoint = models.source_checkpoint(arch, cache)
+    try:
+        checkpoint = models.source_checkpoint(arch, cache)
+    except models.TokenizerFilesNotFound as error:
+        raise SystemExit(f"--arch {arch}: {error}") from error
     supported = models.supported_variants()
     variants: dict[str, ModelDir | str] = {}
     for variant in (arguments.variants or DEFAULT_VARIANTS[device]).split(","):
@@ -105,8 +115,8 @@ def prepare_models(arguments: argparse.Namespace, device: Device, notes: list[st
             raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(models.VARIANTS)}")
         if not supported[variant]:  # type: ignore[index]
             notes.append(f"variant {variant} skipped: this exporter's ExportConfig has no option for it")
-        elif variant == "fp16" and device != "cuda":
-            notes.append("variant fp16 skipped: fp16 ONNX is a GPU variant")
+        elif variant in models.GPU_VARIANTS and device != "cuda":
+            notes.append(f"variant {variant} skipped: {variant} ONNX is a GPU variant")
         else:
             try:
                 variants[variant] = models.export_variant(checkpoint, variant, cache / f"{arch}-{variant}", log)  # type: ignore[arg-type]
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     default_rows, default_tokens = BATCH_LIMITS["cuda" if device == "cuda" else "cpu"]
     setup = Setup(
         checkpoint, variants, manifest, models.shape_of(checkpoint), device, arguments.threads,
-        arguments.batch_size or default_rows, arguments.max_tokens or default_tokens, frozenset(arguments.configs.split(",")), arguments.out / "work", max(1, arguments.repeats),
+        arguments.batch_size or default_rows, arguments.max_tokens or default_tokens, frozenset(arguments.configs.split(",")), arguments.cache / "work", max(1, arguments.repeats),
     )
     datasets, distributions, plan = prepare_datasets(setup, arguments, notes, log)
     peak, peak_note = measure_peak_flops(device)

@@ -20,7 +20,7 @@ from worker.runner import Runner
 
 # Rough cost of each configuration per padded FLOP, relative to the fp32 ONNX session.
 _PYTORCH_FACTOR = 1.2
-_VARIANT_FACTOR = {"fp32": 1.0, "optimized": 0.9, "int8": 0.6, "fp16": 0.5}
+_VARIANT_FACTOR = {"fp32": 1.0, "optimized": 0.9, "int8": 0.6, "fp16": 0.5, "packed": 0.5}
 _MIN_ROWS = 64
 
 

