@@ -213,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if device == "cpu":
         notes.append("CPU run: the fp16 users' loop, padding-free PyTorch and device-bound ceilings are GPU rows, not run")
+    host_pipeline, host_notes = report.host_headroom(measurements, device == "cuda")
+    if host_notes:
+        notes.append(
+            "host row: the worker's job with the model call stubbed (zeros), same batching, timed like the worker rows; "
+            "headroom near 1x means host work, not the model, sets the worker's speed"
+        )
+        notes += host_notes
     document = {
         "title": f"bertbatch benchmark: {model_name} on {device} ({plan.rows['mixed']} mixed rows)",
         "device": device,
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "datasets": distributions,
         "results": [report.row_numbers(measurements, m, peak) for m in measurements],
         "targets": report.targets(measurements, device == "cuda"),
+        "host_pipeline": host_pipeline,
         "notes": notes,
         "measurement_seconds": measured_seconds,
     }

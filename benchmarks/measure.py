@@ -10,7 +10,8 @@ import numpy as np
 
 from benchmarks.data import BUCKET_EDGES, bucket_of
 
-Kind = Literal["worker", "pytorch-users", "pytorch-best", "pytorch-packed", "ceiling"]
+# "host": the worker's job with the model stubbed (benchmarks/worker_e2e.py), no embeddings, no FLOPs.
+Kind = Literal["worker", "host", "pytorch-users", "pytorch-best", "pytorch-packed", "ceiling"]
 # The H100's dense fp16 tensor-core rate as measured in the issue; used on H100s instead of a quick matmul.
 H100_FP16_PEAK = 790e12
 

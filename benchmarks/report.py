@@ -13,6 +13,8 @@ from benchmarks.data import bucket_labels
 from benchmarks.measure import Measurement, cosine_rows
 
 PYTORCH_KINDS = ("pytorch-users", "pytorch-best", "pytorch-packed")
+# The issue's end-to-end rows/s targets on an H100, per dataset.
+GPU_ROWS_PER_SECOND = {"mixed": 22_000, "fixed-128": 17_000}
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,46 @@ def targets(rows: list[Measurement], cuda: bool) -> list[Target]:
     # the note lists every variant, so a packed export that failed or lost is visible next to the one that won.
     worker = fastest(workers)
     name = worker.name if worker else "worker end to end"
-    found.append(Target(f"{name}, mixed", 22_000, worker.rows_per_second if worker else None, "rows/s", _worker_variants(rows, mixed)))
+    found.append(Target(f"{name}, mixed", GPU_ROWS_PER_SECOND[mixed], worker.rows_per_second if worker else None, "rows/s", _worker_variants(rows, mixed)))
     found.append(Target(f"{name} vs best PyTorch ({best.name if best else '-'})", 4.0, ratio(worker, best), "x"))
     ceiling = ceiling_for(rows, worker) if worker else None
     found.append(Target(f"{name} vs its ceiling", 0.85, ratio(worker, ceiling), "%"))
     fixed = [m for m in rows if m.kind == "worker" and m.dataset.startswith("fixed") and m.error is None]
     fixed_same = next((m for m in fixed if worker and m.extra.get("variant") == worker.extra.get("variant")), fastest(fixed))
     fixed_name = fixed_same.name if fixed_same else name
-    found.append(Target(f"{fixed_name}, fixed-128", 17_000, fixed_same.rows_per_second if fixed_same else None, "rows/s"))
+    found.append(Target(f"{fixed_name}, fixed-128", GPU_ROWS_PER_SECOND["fixed-128"], fixed_same.rows_per_second if fixed_same else None, "rows/s"))
     return found
+
+
+def host_headroom(rows: list[Measurement], cuda: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per dataset, the host pipeline's rows/s over the fastest worker's: how much faster the device side
+    could get before read, tokenize, batch, decode and write hold it back; on GPU, also whether the host
+    pipeline alone clears the issue's rows/s target. Returns the JSON numbers and the note lines.
+    """
+    numbers: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for host in (m for m in rows if m.kind == "host" and m.error is None and m.seconds > 0):
+        worker = fastest([m for m in ok(rows, host.dataset, "worker") if m.rows])
+        headroom = host.rows_per_second / worker.rows_per_second if worker else None
+        entry: dict[str, Any] = {
+            "host_rows_per_second": host.rows_per_second,
+            "fastest_worker": worker.name if worker else None,
+            "fastest_worker_rows_per_second": worker.rows_per_second if worker else None,
+            "headroom": headroom,
+        }
+        line = f"host pipeline headroom, {host.dataset} = host {host.rows_per_second:,.0f} rows/s / fastest worker "
+        if worker and headroom is not None:
+            line += f"({worker.name}) {worker.rows_per_second:,.1f} rows/s = {headroom:.2f}x"
+        else:
+            line += "(none ran) = -"
+        target = GPU_ROWS_PER_SECOND.get(host.dataset)
+        if cuda and target:
+            entry["target_rows_per_second"] = target
+            entry["host_clears_target"] = host.rows_per_second >= target
+            line += f"; the host pipeline alone {'clears' if entry['host_clears_target'] else 'does NOT clear'} the {target:,} rows/s target"
+        numbers[host.dataset] = entry
+        notes.append(line)
+    return numbers, notes
 
 
 def _worker_variants(rows: list[Measurement], dataset: str) -> str:
@@ -107,8 +140,9 @@ def _worker_variants(rows: list[Measurement], dataset: str) -> str:
 
 
 def row_numbers(rows: list[Measurement], row: Measurement, peak: float) -> dict[str, Any]:
-    best = fastest(ok(rows, row.dataset, *PYTORCH_KINDS))
-    ceiling = ceiling_for(rows, row)
+    model = row.kind != "host"  # the host row runs no model: no ratio, no FLOPs to compare
+    best = fastest(ok(rows, row.dataset, *PYTORCH_KINDS)) if model else None
+    ceiling = ceiling_for(rows, row) if model else None
     numbers: dict[str, Any] = {
         "kind": row.kind,
         "name": row.name,
@@ -122,7 +156,7 @@ def row_numbers(rows: list[Measurement], row: Measurement, peak: float) -> dict[
         "ratio_to_best_pytorch": row.rows_per_second / best.rows_per_second if best and row.error is None else None,
         "best_pytorch": best.name if best else None,
         "ratio_to_ceiling": row.rows_per_second / ceiling.rows_per_second if ceiling and row.error is None else None,
-        "share_of_peak": row.useful_flops / row.seconds / peak if row.seconds and peak else None,
+        "share_of_peak": row.useful_flops / row.seconds / peak if model and row.seconds and peak else None,
         "useful_flops": row.useful_flops,
         "bucket_tokens_per_second": {
             label: (float(tokens / seconds) if seconds > 0 else None)
@@ -144,10 +178,11 @@ def format_table(numbers: list[dict[str, Any]]) -> str:
             continue
         cosine = n.get("cosine_vs_fp32_pytorch")
         cosine_text = f"{cosine['mean']:.5f}/{cosine['min']:.5f}" if cosine else "-"
+        peak_text = "-" if n["share_of_peak"] is None else f"{n['share_of_peak'] * 100:.1f}%"
         lines.append(
             f"{n['name']:<50} {n['dataset']:<9} {n['rows']:>6} {n['rows_per_second']:>9,.1f} {n['tokens_per_second']:>10,.0f} "
             f"{_ratio(n['ratio_to_best_pytorch']):>9} {_ratio(n['ratio_to_ceiling']):>7} "
-            f"{(n['share_of_peak'] or 0) * 100:>6.1f}% {cosine_text:>24}"
+            f"{peak_text:>7} {cosine_text:>24}"
         )
     return "\n".join(lines)
 
@@ -171,7 +206,7 @@ def _plain(value: Any) -> Any:
 
 
 def plot(path: Path, numbers: list[dict[str, Any]], title: str) -> None:
-    """Tokens/s per length bucket of the mixed set; the worker's whole-file rate as a dashed line."""
+    """Tokens/s per length bucket of the mixed set; the worker's whole-file rate as a dashed line, the host pipeline's dash-dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,8 +221,9 @@ def plot(path: Path, numbers: list[dict[str, Any]], title: str) -> None:
             continue
         key = n.get("variant") or n["name"]
         color = colors.setdefault(key, next(palette))
-        if n["kind"] == "worker":
-            axes.axhline(n["tokens_per_second"], color=color, linestyle="--", linewidth=1.2, label=f"{n['name']} (whole file)")
+        if n["kind"] in ("worker", "host"):
+            style = "--" if n["kind"] == "worker" else "-."
+            axes.axhline(n["tokens_per_second"], color=color, linestyle=style, linewidth=1.2, label=f"{n['name']} (whole file)")
             continue
         values = [n["bucket_tokens_per_second"][label] for label in labels]
         xs = [i for i, v in enumerate(values) if v]

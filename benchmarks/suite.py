@@ -20,7 +20,7 @@ from exporter.manifest import Manifest
 from worker.runner import ModelDir
 
 Device = Literal["cpu", "cuda"]
-CONFIGS = ("users", "best", "packed", "worker", "ceiling")
+CONFIGS = ("users", "best", "packed", "worker", "ceiling", "host")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,14 @@ def jobs_for(setup: Setup, dataset: Dataset, lengths: np.ndarray) -> list[Job]:
         if "ceiling" in setup.configs:
             run = partial(_run_ceiling, setup, model_dir, lengths, variant, precision, dataset.name)
             jobs.append(Job("ceiling", f"ceiling: ONNX session, fixed shapes ({variant})", precision, variant, run))
+    if "host" in setup.configs:
+        # One row: the host work does not depend on the variant (same tokenizer, same output shape).
+        variant, model_dir = next(iter(setup.model_dirs.items()))
+        run = partial(
+            worker_e2e.run_host_pipeline, model_dir, dataset, lengths, variant, setup.device, setup.threads,
+            (setup.batch_size, setup.max_tokens), setup.work,
+        )
+        jobs.append(Job("host", worker_e2e.HOST_NAME, "-", None, run))
     return jobs
 
 
