@@ -73,3 +73,22 @@ def test_an_unreadable_tokenizer_file_is_a_model_dir_error(tmp_path: Path) -> No
     broken.write_text("{not json")
     with pytest.raises(ModelDirError, match="tokenizer.json"):
         load_tokenizer(broken, 16)
+
+
+def test_window_ids_equal_the_tokenizers_full_encode(tiny_embed_export: ExportResult) -> None:
+    """The worker's tokenizing path (encode_batch_fast where it exists) gives encode_batch's ids, segments and
+    truncation on hard text: accents, CJK, emoji, e-mail, control characters, overlong rows, pairs."""
+    tokenizer = load_tokenizer(tiny_embed_export.directory / "tokenizer.json", 32)
+    texts = ["Zürich, Malmö and São Paulo; 東京 🚀 someone@example.com", "tab\there\u200bzero-width", "", "x " * 100,
+             "naïve café RÉSUMÉ", "i love kathmandu"]
+    pairs = ["second segment", "", "and one more " * 20, "b", "Ελληνικά", "Sinan loves a beautiful day"]
+    for window, expected in (
+        (tokenize_window(tokenizer, texts), tokenizer.encode_batch(texts)),
+        (tokenize_window(tokenizer, texts, pairs), tokenizer.encode_batch(list(zip(texts, pairs)))),
+    ):
+        assert window.token_ids == [encoding.ids for encoding in expected]
+        assert window.truncated.tolist() == [bool(encoding.overflowing) for encoding in expected]
+        if window.type_ids is not None:
+            assert window.type_ids == [encoding.type_ids for encoding in expected]
+        else:
+            assert all(set(encoding.type_ids) == {0} for encoding in expected)
