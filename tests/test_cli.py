@@ -268,6 +268,19 @@ def test_a_run_that_cannot_start_leaves_the_previous_output_untouched(tmp_path: 
     assert after == before
 
 
+def test_device_cuda_on_a_finished_job_still_exits_6_without_cuda(tmp_path: Path, tiny_embed_export: ExportResult) -> None:
+    # Nothing left to run is no excuse: a script asking for CUDA on a machine without it must learn it.
+    if cuda_works(tiny_embed_export.directory / "model.onnx"):
+        pytest.skip("onnxruntime gets CUDA here")
+    data, output = write_input(tmp_path / "in.parquet"), tmp_path / "out"
+    assert invoke(*run_args(tiny_embed_export.directory, data, output, "--device", "cpu")).exit_code == 0
+    before = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
+    result = invoke(*run_args(tiny_embed_export.directory, data, output, "--device", "cuda"))
+    assert result.exit_code == ExitCode.DEVICE_UNAVAILABLE == 6
+    assert "--device cuda" in one_line_error(result)
+    assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == before
+
+
 @pytest.mark.gpu
 def test_device_cuda_runs_on_cuda(tmp_path: Path, tiny_embed_export: ExportResult, embed_reference: TorchReference) -> None:
     if not cuda_works(tiny_embed_export.directory / "model.onnx"):

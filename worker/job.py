@@ -23,7 +23,7 @@ from worker.decode import WindowResults, result_schema, vocabulary_of
 from worker.errors import InputError, InputSchemaError, OutputError, TooManyErrors, UsageError
 from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job
 from worker.pipeline import in_background
-from worker.runner import CUDA, ModelDir, Runner, open_model_dir
+from worker.runner import CUDA, ModelDir, Runner, check_device, open_model_dir
 from worker.sink import TEMP_MARK, ShardWriter
 from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
 from worker.tokenize import TokenizedWindow, load_tokenizer
@@ -108,6 +108,10 @@ def run_job(
     """
     started = time.perf_counter()
     model_dir, max_length, files = check_job(config)
+    if config.engine == "local" and (config.device == "cuda" or model_dir.manifest.cuda_only):
+        # Also when there is nothing left to do: a script asking for CUDA on a machine without it learns now.
+        # (Not for Ray: the cluster's nodes hold the devices, not this driver.)
+        check_device(model_dir, config.device)
     shards = plan_shards(files, config.rows_per_shard)
     try:
         config.output.mkdir(parents=True, exist_ok=True)

@@ -75,15 +75,7 @@ class Runner:
         if threads:
             options.intra_op_num_threads = threads
         manifest = model_dir.manifest
-        no_cuda = "--device cpu was asked for" if device == "cpu" else cuda_unavailable_reason()
-        if device == "cuda" and no_cuda:
-            raise DeviceUnavailable(f"--device cuda: {no_cuda}; or use --device cpu")
-        if manifest.cuda_only and no_cuda:
-            raise DeviceUnavailable(
-                f"{model_dir.path}: this export uses packed attention, which onnxruntime runs on CUDA only ({no_cuda}); "
-                "run it on a GPU machine, or use an export made without --packed"
-            )
-        want_cuda = no_cuda is None
+        want_cuda = check_device(model_dir, device)
         providers: list[str | tuple[str, dict[str, str]]] = [CPU]
         if want_cuda:
             providers = [(CUDA, cuda_provider_options(manifest)), CPU]
@@ -117,6 +109,20 @@ class Runner:
             binding.bind_output(name, "cuda" if self._on_cuda else "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+def check_device(model_dir: ModelDir, device: Device) -> bool:
+    """Whether the model runs on CUDA; raises ``DeviceUnavailable`` when what is asked for cannot be had
+    (``--device cuda`` without CUDA, or a CUDA-only export on a machine or ``--device`` without it)."""
+    no_cuda = "--device cpu was asked for" if device == "cpu" else cuda_unavailable_reason()
+    if device == "cuda" and no_cuda:
+        raise DeviceUnavailable(f"--device cuda: {no_cuda}; or use --device cpu")
+    if model_dir.manifest.cuda_only and no_cuda:
+        raise DeviceUnavailable(
+            f"{model_dir.path}: this export uses packed attention, which onnxruntime runs on CUDA only ({no_cuda}); "
+            "run it on a GPU machine, or use an export made without --packed"
+        )
+    return no_cuda is None
 
 
 @functools.lru_cache(maxsize=1)
