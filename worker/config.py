@@ -33,6 +33,7 @@ class RunConfig:
     id_column: str | None = None
     batch_size: int | None = None  # None: chosen by device, see BATCH_LIMITS
     max_tokens: int | None = None
+    pad_multiple: int | None = None  # None: chosen by device, see PAD_MULTIPLE
     max_length: int | None = None
     device: Device = "auto"
     top_k: int | None = None
@@ -77,11 +78,19 @@ def _json_value(value: object) -> object:
 BATCH_LIMITS: dict[str, tuple[int, int]] = {"cpu": (64, 2048), "cuda": (1024, 32768)}
 
 
+# Batch widths are rounded up to a multiple of this. GPU kernels (tensor cores) run fastest on
+# multiples of 8, and fewer distinct widths bound the CUDA arena; a CPU only pays for the extra
+# padding (MiniLM on 2 cores: about 2% more rows/s with exact widths).
+PAD_MULTIPLE: dict[str, int] = {"cpu": 1, "cuda": 8}
+
+
 def with_batch_limits(config: RunConfig, on_gpu: bool) -> RunConfig:
-    """Fill in the batch limits the user left to the device."""
-    rows, tokens = BATCH_LIMITS["cuda" if on_gpu else "cpu"]
+    """Fill in the batch limits and the padding multiple the user left to the device."""
+    device = "cuda" if on_gpu else "cpu"
+    rows, tokens = BATCH_LIMITS[device]
     return replace(
         config,
         batch_size=config.batch_size if config.batch_size is not None else rows,
         max_tokens=config.max_tokens if config.max_tokens is not None else tokens,
+        pad_multiple=config.pad_multiple if config.pad_multiple is not None else PAD_MULTIPLE[device],
     )

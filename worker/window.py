@@ -52,8 +52,10 @@ def tokenize_rows(config: RunConfig, tokenizer: object, table: pa.RecordBatch) -
 
 def pad_window(config: RunConfig, tokens: TokenizedWindow, pad_id: int) -> list[PaddedBatch]:
     """Plan a window's batches (length-sorted, ``--batch-size`` and ``--max-tokens``) and pad them."""
-    assert config.batch_size is not None, "batch limits are filled in by the engine (with_batch_limits)"
-    return list(iter_padded_batches(tokens.token_ids, tokens.type_ids, pad_id, config.batch_size, config.max_tokens))
+    assert config.batch_size is not None and config.pad_multiple is not None, "filled in by the engine (with_batch_limits)"
+    return list(iter_padded_batches(
+        tokens.token_ids, tokens.type_ids, pad_id, config.batch_size, config.max_tokens, multiple_of=config.pad_multiple
+    ))
 
 
 def run_window(

@@ -23,7 +23,7 @@ from conftest import LABELS, TorchReference, minilm_dir
 from exporter.export import ExportResult
 from exporter.manifest import TASKS
 from worker.batching import PaddedBatch
-from worker.config import RunConfig
+from worker.config import RunConfig, with_batch_limits
 from worker.errors import InputError, InputSchemaError, JobLocked, OutputConflict, UsageError
 from worker.job import run_job
 from worker.jobstate import OutputLock
@@ -108,6 +108,13 @@ def assert_passed_through(output: pa.Table, source: pa.Table, text_column: str =
     assert output.column_names[: kept.num_columns] == kept.column_names
 
 
+def test_padding_multiple_by_device() -> None:
+    config = RunConfig(model_dir=Path("m"), input="in.parquet", output=Path("out"), text_column="text")
+    assert with_batch_limits(config, on_gpu=False).pad_multiple == 1
+    assert with_batch_limits(config, on_gpu=True).pad_multiple == 8  # tensor cores
+    assert with_batch_limits(replace(config, pad_multiple=16), on_gpu=True).pad_multiple == 16
+
+
 @pytest.fixture
 def batches_seen(monkeypatch: pytest.MonkeyPatch) -> list[PaddedBatch]:
     """Every batch that reaches the model."""
@@ -168,6 +175,8 @@ def test_embed_matches_pytorch_row_for_row(
     assert all(len(batch.rows) <= 3 for batch in batches_seen)
     assert all(batch.input_ids.size <= 128 for batch in batches_seen if len(batch.rows) > 1)
     assert any(np.any(np.diff(batch.rows) != 1) for batch in batches_seen)
+    # On CPU a batch is exactly as wide as its longest row (no rounding up to a multiple of 8).
+    assert all(batch.input_ids.shape[1] == batch.attention_mask.sum(axis=1).max() for batch in batches_seen)
     parts = sorted(path.name for path in output.glob("part-*.parquet"))
     assert len(parts) == summary.shards_written == 3
     assert not [path for path in output.iterdir() if ".tmp-" in path.name]
