@@ -67,7 +67,7 @@ class Runner:
     def __init__(self, model_dir: ModelDir, device: Device, threads: int | None = None) -> None:
         import onnxruntime
 
-        # Quiet the CUDA probe on machines without CUDA libraries: the outcome is reported below.
+        # onnxruntime logs its provider fallbacks itself; this class reports what it got, once, as an error or a provider.
         onnxruntime.set_default_logger_severity(4)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
