@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exporter.export import ExportResult
 from exporter.manifest import MODEL_FILE, read_manifest
 from exporter.packing import convert_to_packed_attention
 from worker.batching import iter_padded_batches, pad_rows
@@ -128,6 +129,15 @@ def op_types(model_file: Path) -> set[str]:
     return {node.op_type for node in onnx.load(str(model_file)).graph.node}
 
 
+def assert_reference_matches_onnxruntime(graph: Path, fused: Path, export: ExportResult, label: str, rtol: float) -> None:
+    """``graph`` run by the reference evaluator gives what onnxruntime CPU gives for the fused graph, batch by batch."""
+    feeds = worker_batches(export.directory)
+    names, expected = onnxruntime_cpu(fused, feeds)
+    evaluator = reference_evaluator(graph)
+    for feed, wanted in zip(feeds, expected):
+        assert_outputs_match(names, evaluate(evaluator, feed), wanted, rtol, f"{label} {feed['input_ids'].shape}")
+
+
 def test_every_task_has_a_reference_test() -> None:
     from exporter.tasks import TASK_SPECS
 
@@ -139,12 +149,7 @@ def test_every_task_has_a_reference_test() -> None:
 def test_reference_operators_match_onnxruntime_on_the_fused_graph(task: str, precision: str, fused_exports, graphs) -> None:  # type: ignore[no-untyped-def]
     fused, _ = graphs(task, precision)
     assert ENCODER_CONTRIB_OPS <= op_types(fused)  # the reference ops are what runs here, not a no-op
-    feeds = worker_batches(fused_exports(task, precision == "fp16").directory)
-    names, expected = onnxruntime_cpu(fused, feeds)
-    evaluator = reference_evaluator(fused)
-    for feed, wanted in zip(feeds, expected):
-        where = f"{task} {precision} fused {feed['input_ids'].shape}"
-        assert_outputs_match(names, evaluate(evaluator, feed), wanted, RTOL[precision], where)
+    assert_reference_matches_onnxruntime(fused, fused, fused_exports(task, precision == "fp16"), f"{task} {precision} fused", RTOL[precision])
 
 
 @PRECISIONS
@@ -153,12 +158,7 @@ def test_packed_graph_matches_onnxruntime_on_the_fused_graph(task: str, precisio
     fused, packed = graphs(task, precision)
     assert {"RemovePadding", "PackedAttention", "RestorePadding"} <= op_types(packed)
     assert "Attention" not in op_types(packed)
-    feeds = worker_batches(fused_exports(task, precision == "fp16").directory)
-    names, expected = onnxruntime_cpu(fused, feeds)
-    evaluator = reference_evaluator(packed)
-    for feed, wanted in zip(feeds, expected):
-        where = f"{task} {precision} packed {feed['input_ids'].shape}"
-        assert_outputs_match(names, evaluate(evaluator, feed), wanted, RTOL[precision], where)
+    assert_reference_matches_onnxruntime(packed, fused, fused_exports(task, precision == "fp16"), f"{task} {precision} packed", RTOL[precision])
 
 
 @PRECISIONS
