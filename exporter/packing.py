@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportError, OptimizationError
 from exporter.manifest import Layers
+from exporter.optimize import save_over
 
 if TYPE_CHECKING:
     from onnx import ModelProto
@@ -48,8 +49,6 @@ def convert_to_packed_attention(model_path: Path, num_layers: int) -> dict[str, 
     """Rewrite a fused graph (one ``Attention`` per layer) in packing mode, in place; return what the manifest records."""
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
-
-    from exporter.optimize import save_over
 
     model = OnnxModel(onnx.load(str(model_path)))
     attention = len(model.get_nodes_by_op_type("Attention"))

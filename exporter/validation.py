@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from exporter.errors import DeviceRequired
 from exporter.manifest import Precision, Task
 from worker.batching import pad_rows
 from worker.runner import cuda_unavailable_reason
@@ -306,15 +307,9 @@ def validate_onnx(
     return report
 
 
-def cuda_usable() -> bool:
-    return cuda_unavailable_reason() is None
-
-
 def validation_session(onnx_path: Path, device: ValidationDevice) -> Any:
     """An onnxruntime session on exactly ``device``; raises ``DeviceRequired`` when CUDA is asked for and missing."""
     import onnxruntime
-
-    from exporter.errors import DeviceRequired
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3

@@ -152,6 +152,10 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def cuda_usable() -> bool:
+    return cuda_unavailable_reason() is None
+
+
 def cuda_provider_options(manifest: Manifest) -> dict[str, str]:
     """CUDA execution provider settings for a model.
 

@@ -26,7 +26,7 @@ CHECKPOINT_FIXTURES = {
 
 
 def cuda_available() -> bool:
-    from exporter.validation import cuda_usable
+    from worker.runner import cuda_usable
 
     return cuda_usable()
 
