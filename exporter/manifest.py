@@ -7,10 +7,11 @@ A model directory holds ``model.onnx``, ``tokenizer.json`` and ``bertbatch.json`
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from worker.atomic import write_text_atomic
 
 MANIFEST_NAME = "bertbatch.json"
 MODEL_FILE = "model.onnx"
@@ -94,11 +95,8 @@ class Manifest:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Write the manifest atomically, so a crash never leaves half a file."""
-    target = directory / MANIFEST_NAME
-    temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(manifest.to_json() + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    """Write the manifest atomically and durably, so a crash never leaves half a file."""
+    write_text_atomic(directory / MANIFEST_NAME, manifest.to_json() + "\n")
 
 
 def read_manifest(directory: Path) -> Manifest:

@@ -11,7 +11,6 @@ float32 and are never quantized.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from exporter.errors import ExportError, OptimizationError
 from exporter.manifest import Layers, Precision
+from worker.atomic import atomic_path, commit
 
 if TYPE_CHECKING:
     from onnx import GraphProto, ModelProto
@@ -229,7 +229,7 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
                 "expected all"
             )
         _check_interface(before, after, "int8 quantization")
-        os.replace(target, model_path)
+        commit(target, model_path)  # the scratch directory is beside the model: same file system
     return {
         "method": "dynamic",
         "tool": f"onnxruntime.quantization.quantize_dynamic {_onnxruntime_version()}",
@@ -308,9 +308,8 @@ def _check_interface(before: ModelProto, after: ModelProto, step: str) -> None:
 def save_over(model: ModelProto, model_path: Path) -> None:
     import onnx
 
-    temporary = model_path.with_name(f".{model_path.name}.tmp")
-    onnx.save_model(model, str(temporary))
-    os.replace(temporary, model_path)
+    with atomic_path(model_path) as temporary:
+        onnx.save_model(model, str(temporary))
 
 
 def _drop_duplicate_nodes(graph: GraphProto) -> None:

@@ -8,7 +8,6 @@ job file, so a rerun of the same command skips what is done.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from worker.atomic import write_text_atomic
 from worker.batching import PaddedBatch
 from worker.config import Device, RunConfig, with_batch_limits
 from worker.decode import WindowResults, result_schema, vocabulary_of
@@ -24,7 +24,7 @@ from worker.errors import InputError, InputSchemaError, OutputError, TooManyErro
 from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job
 from worker.pipeline import in_background
 from worker.runner import CUDA, ModelDir, Runner, check_device, open_model_dir
-from worker.sink import TEMP_MARK, ShardWriter
+from worker.sink import ShardWriter
 from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
 from worker.tokenize import TokenizedWindow, load_tokenizer
 from worker.window import ComputedWindow, finish_window, pad_window, run_window, tokenize_rows
@@ -290,11 +290,8 @@ def _count(counters: _Counters, window: ComputedWindow) -> None:
 
 def _write_success(state: JobState, counters: _Counters, provider: str) -> None:
     path = state.success_file
-    temporary = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    record = {"rows_this_run": counters.rows, "error_rows_this_run": counters.error_rows, "provider": provider}
     try:
-        temporary.write_text(json.dumps({"rows_this_run": counters.rows, "error_rows_this_run": counters.error_rows, "provider": provider}) + "\n")
-        os.replace(temporary, path)  # a reader sees a whole _SUCCESS or none
+        write_text_atomic(path, json.dumps(record) + "\n")  # a reader sees a whole _SUCCESS or none
     except OSError as error:
         raise OutputError(f"{path}: cannot write it: {error}") from error
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from worker.atomic import TEMP_MARK, remove_stale_temporaries, write_text_atomic
 from worker.config import RunConfig
 from worker.errors import JobLocked, OutputConflict, OutputError
 from worker.runner import ModelDir
-from worker.sink import TEMP_MARK, fsync_directory, remove_stale_temporaries
 from worker.source import InputFile
 
 JOB_FILE = "_bertbatch_job.json"
@@ -60,20 +60,11 @@ class JobState:
 
     def save(self) -> None:
         target = self.output / JOB_FILE
-        temporary = self.output / f".{JOB_FILE}{TEMP_MARK}{os.getpid()}"
+        record = {"version": 1, "identity": self.identity, "completed": self.completed, "output": str(self.output)}
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                record = {"version": 1, "identity": self.identity, "completed": self.completed, "output": str(self.output)}
-                json.dump(record, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-            fsync_directory(self.output)
+            write_text_atomic(target, json.dumps(record, indent=1, sort_keys=True))
         except OSError as error:
             raise OutputError(f"{target}: cannot save the job file: {error}") from error
-        finally:
-            # Also on KeyboardInterrupt: never leave a half-written job file behind.
-            temporary.unlink(missing_ok=True)
 
     def record(self, shard_name: str, rows: int) -> None:
         self.completed[shard_name] = rows

@@ -1,4 +1,4 @@
-"""Writing result shards: a temporary file, fsync, then an atomic rename.
+"""Writing result shards: Parquet into a hidden temporary file, committed atomically (``worker.atomic``).
 
 A reader (or a resumed job) sees either a whole shard or none: a crash leaves
 at most a hidden ``.tmp`` file, which the next run removes.
@@ -6,28 +6,13 @@ at most a hidden ``.tmp`` file, which the next run removes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from worker.atomic import commit, temporary_path
 from worker.errors import OutputError
-
-TEMP_MARK = ".tmp-"
-
-
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def remove_stale_temporaries(directory: Path) -> None:
-    for stale in directory.glob(f".*{TEMP_MARK}*"):
-        stale.unlink(missing_ok=True)
 
 
 class ShardWriter:
@@ -35,7 +20,7 @@ class ShardWriter:
 
     def __init__(self, directory: Path, name: str) -> None:
         self.final = directory / name
-        self.temporary = directory / f".{name}{TEMP_MARK}{os.getpid()}"
+        self.temporary = temporary_path(self.final)
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
 
@@ -57,10 +42,7 @@ class ShardWriter:
         try:
             self._writer.close()
             self._writer = None
-            with open(self.temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(self.temporary, self.final)
-            fsync_directory(self.final.parent)
+            commit(self.temporary, self.final)
         except OSError as error:
             self.abort()
             raise OutputError(f"{self.final}: write failed: {error}") from error
