@@ -18,9 +18,10 @@ from worker.errors import OutputError
 class ShardWriter:
     """Append tables to one shard; ``commit`` makes it visible, ``abort`` removes it."""
 
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, temporary: Path | None = None) -> None:
         self.final = directory / name
-        self.temporary = temporary_path(self.final)
+        # The Ray engine's workers pass a name unique to their attempt (``worker.commit``).
+        self.temporary = temporary or temporary_path(self.final)
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
 
@@ -36,12 +37,20 @@ class ShardWriter:
             raise OutputError(f"{self.final}: write failed: {error}") from error
         self.rows += table.num_rows
 
-    def commit(self) -> Path:
+    def close(self) -> None:
+        """Finish the temporary file (its Parquet footer) without making it visible."""
         if self._writer is None:
             raise OutputError(f"{self.final}: nothing was written to this shard")
         try:
             self._writer.close()
             self._writer = None
+        except OSError as error:
+            self.abort()
+            raise OutputError(f"{self.final}: write failed: {error}") from error
+
+    def commit(self) -> Path:
+        self.close()
+        try:
             commit(self.temporary, self.final)
         except OSError as error:
             self.abort()

@@ -38,6 +38,7 @@ from worker.source import inspect_inputs, plan_shards
 
 try:
     import ray
+    from ray.cluster_utils import Cluster
 except ImportError:
     if os.environ.get("CI"):
         pytest.fail("ray is missing in CI: the README's install command installs the ray extra", pytrace=False)
@@ -47,6 +48,7 @@ pytestmark = pytest.mark.slow  # a Ray runtime takes seconds to start
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing [MASK] matches".split()
 TOLERANCE = 1e-5
+OBJECT_STORE = 100 * 1024 * 1024  # per node
 
 
 def write_inputs(directory: Path, rows_per_file: list[int], row_group_rows: int) -> Path:
@@ -63,10 +65,27 @@ def write_inputs(directory: Path, rows_per_file: list[int], row_group_rows: int)
     return directory
 
 
+NODE_CPUS = 2  # per worker node: an inference actor and a reading task
+
+
 @pytest.fixture(scope="module")
-def ray_runtime() -> Iterator[None]:
-    # Four logical CPUs on a small machine: two for the inference actors, the rest for reading and tokenizing.
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+def ray_cluster() -> Iterator[Cluster]:
+    """A cluster on this machine: a head that runs no work (as on a real cluster) and two worker nodes
+    of two logical CPUs each, every node with its own raylet and object store. Tests connect to it as
+    the driver; a test that removes a node adds one back."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": OBJECT_STORE})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=OBJECT_STORE)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_runtime(ray_cluster: Cluster) -> Iterator[None]:
+    ray.init(address=ray_cluster.address)
     try:
         yield
     finally:
