@@ -215,3 +215,43 @@ def classify_reference(tiny_decisive_classifier_checkpoint: Path) -> TorchRefere
 @pytest.fixture(scope="session")
 def fill_mask_reference(tiny_mlm_checkpoint: Path) -> TorchReference:
     return TorchReference(tiny_mlm_checkpoint, "BertForMaskedLM")
+
+
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "B-ORG", 6: "I-ORG", 7: "B-MISC", 8: "I-MISC"}
+
+
+@pytest.fixture(scope="session")
+def tiny_token_classifier_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BertForTokenClassification with CoNLL labels whose labels vary from token to token and stand
+    out (no near-ties), so a different aggregation or span shows up in the entities.
+
+    A random head gives every token about the same label (the hidden states share a direction):
+    the classifier is centred on the mean hidden state, scaled up, and biased towards ``O``.
+    """
+    import torch
+    import transformers
+
+    directory = _save_tiny(
+        tmp_path_factory.mktemp("tiny-token-classifier"),
+        "BertForTokenClassification",
+        num_labels=len(NER_LABELS),
+        id2label=NER_LABELS,
+        label2id={v: k for k, v in NER_LABELS.items()},
+        initializer_range=0.2,
+    )
+    model = transformers.BertForTokenClassification.from_pretrained(directory).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    sample = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Angela Merkel visited Paris and Berlin with Hugo Boss executives.",
+        "東京は日本の首都です",
+        "tokenization of unbelievably long words",
+    ]
+    with torch.no_grad():
+        encoded = tokenizer(sample, padding=True, return_tensors="pt")
+        hidden = model.bert(**encoded).last_hidden_state[encoded["attention_mask"].bool()]
+        model.classifier.weight.mul_(10.0)
+        model.classifier.bias.copy_(-model.classifier.weight @ hidden.mean(dim=0))
+        model.classifier.bias[0] += 2.0
+    model.save_pretrained(directory)
+    return directory
