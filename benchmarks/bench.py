@@ -83,7 +83,7 @@ def resolve_device(wanted: str) -> Device:
     import onnxruntime
     import torch
 
-    from worker.runner import CUDA
+    from worker.modeldir.session import CUDA
 
     cuda = torch.cuda.is_available() and CUDA in onnxruntime.get_available_providers()
     if wanted == "cuda" and not cuda:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.models import Shape
-from worker.batching import PaddedBatch, padded_length, plan_batches
+from worker.batching import PaddedBatch, plan_batches
+from worker.modeldir.padding import padded_length
 from worker.runner import Runner
 
 # Rough cost of each configuration per padded FLOP, relative to the fp32 ONNX session.

@@ -17,8 +17,9 @@ import numpy as np
 from benchmarks.data import BUCKET_EDGES, bucket_of
 from benchmarks.measure import Measurement, Stopwatch
 from benchmarks.models import Shape
-from worker.batching import padded_length
-from worker.runner import CUDA, Runner
+from worker.modeldir.padding import padded_length
+from worker.modeldir.session import CUDA
+from worker.runner import Runner
 
 FILLER_TOKEN = 2023  # "this": any ordinary token, the cost does not depend on which
 

@@ -23,7 +23,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from exporter.manifest import MANIFEST_NAME, read_manifest
+from worker.modeldir.manifest import MANIFEST_NAME, read_manifest
 from worker.runner import ModelDir, open_model_dir
 
 Arch = Literal["bert-base", "minilm"]

@@ -16,7 +16,7 @@ import numpy as np
 from benchmarks import models
 from benchmarks.data import Dataset
 from benchmarks.measure import Kind, Measurement
-from exporter.manifest import Manifest
+from worker.modeldir.manifest import Manifest
 from worker.runner import ModelDir
 
 Device = Literal["cpu", "cuda"]

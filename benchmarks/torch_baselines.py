@@ -20,8 +20,9 @@ import numpy as np
 
 from benchmarks.measure import Measurement, Stopwatch, cosine_rows
 from benchmarks.models import Shape
-from exporter.manifest import Manifest
-from worker.batching import pad_rows, plan_batches
+from worker.batching import plan_batches
+from worker.modeldir.manifest import Manifest
+from worker.modeldir.padding import pad_rows
 
 WARMUP_ROWS = 16
 PACKED_TOKENS = 65536

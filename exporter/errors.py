@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from worker.exit_codes import ExitCode
+from worker.exit_codes import BertbatchError, ExitCode
 
 
-class ExportError(Exception):
+class ExportError(BertbatchError):
     """Base error of the exporter."""
 
     exit_code: ExitCode = ExitCode.MODEL_ERROR

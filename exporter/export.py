@@ -15,7 +15,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exporter.errors import DeviceRequired, ExportError, OptimizationError, ValidationMismatch
-from exporter.manifest import (
+from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
+from exporter.packing import check_packable, convert_to_packed_attention
+from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
+from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
+from exporter.validation import (
+    Tolerances,
+    ValidationDevice,
+    ValidationReport,
+    build_cases,
+    default_tolerances,
+    validate_onnx,
+)
+from worker.exit_codes import ExitCode
+from worker.modeldir.manifest import (
     MODEL_FILE,
     TOKENIZER_FILE,
     Attention,
@@ -28,20 +41,8 @@ from exporter.manifest import (
     read_manifest,
     write_manifest,
 )
-from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
-from exporter.packing import check_packable, convert_to_packed_attention
-from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
-from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
-from exporter.validation import (
-    Tolerances,
-    ValidationDevice,
-    ValidationReport,
-    build_cases,
-    cuda_unavailable_reason,
-    default_tolerances,
-    validate_onnx,
-)
-from worker.exit_codes import ExitCode
+from worker.modeldir.padding import pad_rows
+from worker.modeldir.session import cuda_unavailable_reason
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -232,8 +233,6 @@ def trace_to_onnx(
     mask_id = settings.mask_token_id if task == "fill-mask" else None
     first = [101, 2023, 2003, mask_id or 1037, 3231, 1997, 1996, mask_id or 4654, 102]
     second = [101, mask_id or 2117, 2028, 2003, 102]
-    from worker.batching import pad_rows
-
     arrays = pad_rows([first, second], [[0] * len(first), [0] * 3 + [1] * 2], pad_id)
     example = tuple(torch.from_numpy(array) for array in arrays)
     head.eval()

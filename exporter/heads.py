@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exporter.manifest import Layers, Pooling
+from worker.modeldir.manifest import Layers, Pooling
 
 
 def select_layers(hidden_states: tuple[torch.Tensor, ...], layers: Layers) -> torch.Tensor:

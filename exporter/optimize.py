@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from exporter.errors import ExportError, OptimizationError
-from exporter.manifest import Layers, Precision
 from worker.atomic import atomic_path, commit
+from worker.modeldir.manifest import Layers, Precision
+from worker.modeldir.session import create_session
 
 if TYPE_CHECKING:
     from onnx import GraphProto, ModelProto
@@ -267,12 +268,8 @@ def _transpose_tied_gemm_weights(graph: GraphProto) -> None:
 
 def check_loads(model_path: Path) -> None:
     """The final graph must load in onnxruntime; a broken rewrite is an OptimizationError, not a crash later."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
     try:
-        onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        create_session(model_path, "cpu")
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
         raise OptimizationError(f"{model_path}: onnxruntime cannot load the optimized graph: {error}") from error
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportError, OptimizationError
-from exporter.manifest import Layers
 from exporter.optimize import save_over
+from worker.modeldir.manifest import Layers
 
 if TYPE_CHECKING:
     from onnx import ModelProto

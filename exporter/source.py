@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.architectures import ArchitectureSpec, architecture_for
 from exporter.errors import SourceError
-from exporter.manifest import Pooling, Task
+from worker.modeldir.manifest import Pooling, Task
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.architectures import ArchitectureSpec
 from exporter.errors import ExportError
-from exporter.manifest import Layers, Pooling, Task
+from worker.modeldir.manifest import Layers, Pooling, Task
 
 if TYPE_CHECKING:
     from torch import nn

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from exporter.errors import DeviceRequired
-from exporter.manifest import Precision, Task
-from worker.batching import pad_rows
-from worker.runner import cuda_unavailable_reason
+from worker.modeldir.manifest import Precision, Task
+from worker.modeldir.padding import pad_rows
+from worker.modeldir.session import CUDA, create_session, cuda_unavailable_reason, provider_of
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -309,18 +309,13 @@ def validate_onnx(
 
 def validation_session(onnx_path: Path, device: ValidationDevice) -> Any:
     """An onnxruntime session on exactly ``device``; raises ``DeviceRequired`` when CUDA is asked for and missing."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
     if device == "cpu":
-        return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return create_session(onnx_path, "cpu")
     reason = cuda_unavailable_reason()
     if reason:
         raise DeviceRequired(f"{onnx_path}: validating on CUDA needs a working GPU; {reason}")
-    providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
-    if session.get_providers()[0] != "CUDAExecutionProvider":
+    session = create_session(onnx_path, "cuda", cuda_options={"use_tf32": "0"})
+    if provider_of(session) != CUDA:
         raise DeviceRequired(f"{onnx_path}: onnxruntime could not initialise CUDA (no GPU, driver or CUDA libraries)")
     return session
 

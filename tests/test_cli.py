@@ -22,10 +22,10 @@ from typer.testing import CliRunner, Result
 
 from conftest import LABELS, TorchReference, minilm_dir
 from exporter.export import ExportResult
-from exporter.manifest import MANIFEST_NAME, TASKS, read_manifest
 from worker.cli import app
 from worker.exit_codes import ExitCode
 from worker.jobstate import OutputLock
+from worker.modeldir.manifest import MANIFEST_NAME, TASKS, read_manifest
 
 TEXTS: list[str | None] = ["i love kathmandu", None, "", "the river [MASK] past old stone houses", "Sinan loves a beautiful [MASK] and a [MASK]"]
 

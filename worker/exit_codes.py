@@ -1,4 +1,7 @@
-"""The exit codes of the `bertbatch` CLI: a contract scripts rely on. Documented in README.md."""
+"""The exit codes of the `bertbatch` CLI: a contract scripts rely on. Documented in README.md.
+
+Also the root of both packages' errors, so the CLI maps an error to its code without importing the exporter.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +24,9 @@ class ExitCode(IntEnum):
     QUEUE_ERROR = 12
     ENGINE_ERROR = 13
     INTERRUPTED = 130
+
+
+class BertbatchError(Exception):
+    """The root of ``ExportError`` and ``WorkerError``: an error the CLI prints as one line and exits with."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL_ERROR

@@ -22,8 +22,9 @@ from worker.config import Device, RunConfig, with_batch_limits
 from worker.decode import WindowResults, result_schema, vocabulary_of
 from worker.errors import InputError, InputSchemaError, OutputError, TooManyErrors, UsageError
 from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job
+from worker.modeldir.session import CUDA
 from worker.pipeline import in_background
-from worker.runner import CUDA, ModelDir, Runner, check_device, open_model_dir
+from worker.runner import ModelDir, Runner, check_device, open_model_dir
 from worker.sink import ShardWriter
 from worker.source import InputFile, Shard, inspect_inputs, plan_shards, read_shard, resolve_inputs
 from worker.tokenize import TokenizedWindow, load_tokenizer

@@ -34,7 +34,8 @@ import pyarrow as pa
 from worker.config import Device, RunConfig, with_batch_limits
 from worker.decode import vocabulary_of
 from worker.errors import DeviceUnavailable, EngineError, UsageError, WorkerError
-from worker.runner import CPU, CUDA, ModelDir, Runner, open_model_dir
+from worker.modeldir.session import CPU, CUDA
+from worker.runner import ModelDir, Runner, open_model_dir
 from worker.source import InputFile, Shard, read_shard
 from worker.tokenize import TokenizedWindow, load_tokenizer
 from worker.window import ComputedWindow, finish_window, pad_window, run_window, tokenize_rows

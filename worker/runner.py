@@ -1,26 +1,17 @@
-"""The onnxruntime session: provider choice (CUDA or CPU) and running padded batches."""
+"""Running padded batches: the model directory opened, its device chosen, its session (``worker/modeldir/session.py``) fed."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from exporter.manifest import MANIFEST_NAME, Manifest, read_manifest
 from worker.batching import PaddedBatch
 from worker.config import Device
 from worker.errors import DeviceUnavailable, ModelDirError
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-# A one-node ONNX model (y = Identity(x), float[1], opset 17), serialized here so the worker
-# probes CUDA without the onnx package: onnx.helper.make_model(...).SerializeToString().
-_PROBE_MODEL = (
-    b'\x08\x08:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02'
-    b'\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11'
-)
+from worker.modeldir.manifest import MANIFEST_NAME, Manifest, read_manifest
+from worker.modeldir.session import CUDA, FATAL_ONLY, create_session, cuda_unavailable_reason, provider_of
 
 
 @dataclass(frozen=True)
@@ -68,22 +59,19 @@ class Runner:
         import onnxruntime
 
         # onnxruntime logs its provider fallbacks itself; this class reports what it got, once, as an error or a provider.
-        onnxruntime.set_default_logger_severity(4)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        onnxruntime.set_default_logger_severity(FATAL_ONLY)
         manifest = model_dir.manifest
         want_cuda = check_device(model_dir, device)
-        providers: list[str | tuple[str, dict[str, str]]] = [CPU]
-        if want_cuda:
-            providers = [(CUDA, cuda_provider_options(manifest)), CPU]
         try:
-            self.session = onnxruntime.InferenceSession(str(model_dir.model_file), options, providers=providers)
+            self.session = create_session(
+                model_dir.model_file,
+                "cuda" if want_cuda else "cpu",
+                cuda_options=cuda_provider_options(manifest),
+                threads=threads,
+            )
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelDirError(f"{model_dir.model_file}: onnxruntime cannot load it: {error}") from error
-        self.provider = self.session.get_providers()[0]
+        self.provider = provider_of(self.session)
         if device == "cuda" and self.provider != CUDA:
             raise DeviceUnavailable(
                 "--device cuda: onnxruntime could not initialise CUDA (no GPU, driver or CUDA libraries); "
@@ -123,37 +111,6 @@ def check_device(model_dir: ModelDir, device: Device) -> bool:
             "run it on a GPU machine, or use an export made without --packed"
         )
     return no_cuda is None
-
-
-@functools.lru_cache(maxsize=1)
-def cuda_unavailable_reason() -> str | None:
-    """``None`` when onnxruntime really runs on CUDA here, else why not.
-
-    onnxruntime-gpu lists its CUDA provider even on machines without a GPU, so a
-    one-node model is loaded on it to find out.
-    """
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    if CUDA not in available:
-        return f"onnxruntime offers {', '.join(available)}: install onnxruntime-gpu"
-    # The probe's failure is the answer, not news: keep onnxruntime's loader errors off stderr.
-    onnxruntime.set_default_logger_severity(4)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        session = onnxruntime.InferenceSession(
-            _PROBE_MODEL, options, providers=[CUDA, CPU]
-        )
-    except Exception as error:  # onnxruntime raises its own types; the reason is passed on, not dropped
-        return f"onnxruntime failed to start CUDA: {error}"
-    if session.get_providers()[0] != CUDA:
-        return "onnxruntime-gpu could not initialise CUDA (no GPU, driver or CUDA libraries)"
-    return None
-
-
-def cuda_usable() -> bool:
-    return cuda_unavailable_reason() is None
 
 
 def cuda_provider_options(manifest: Manifest) -> dict[str, str]:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from exporter.manifest import Manifest
 from worker.batching import PaddedBatch, iter_padded_batches
 from worker.config import RunConfig
 from worker.decode import WindowResults
 from worker.errors import InferenceBroken
+from worker.modeldir.manifest import Manifest
 from worker.runner import Runner
 from worker.source import Shard, column_texts
 from worker.tokenize import TokenizedWindow, tokenize_window

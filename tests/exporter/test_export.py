@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from exporter.export import ExportConfig, ExportResult, export_model
-from exporter.manifest import MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, SpecialTokens, read_manifest
+from worker.modeldir.manifest import MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, SpecialTokens, read_manifest
 
 # Every task with an export test below; tests/exporter/test_tasks.py fails if a registered task is missing.
 TESTED_TASKS = ("embed", "fill-mask", "classify")

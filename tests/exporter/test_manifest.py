@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.manifest import MANIFEST_NAME, Manifest, SpecialTokens, read_manifest, write_manifest
+from worker.modeldir.manifest import MANIFEST_NAME, Manifest, SpecialTokens, read_manifest, write_manifest
 
 
 def a_manifest() -> Manifest:

@@ -12,10 +12,10 @@ import pytest
 
 from exporter.errors import ExportError, OptimizationError
 from exporter.export import ExportConfig, ExportResult, export_model, revalidate, with_tolerances
-from exporter.manifest import MODEL_FILE, read_manifest
 from exporter.optimize import EncoderShape, fuse_transformer_ops
 from exporter.tasks import TASK_SPECS
 from exporter.validation import OutputStats, Tolerances, default_tolerances, mean_cosine_problems
+from worker.modeldir.manifest import MODEL_FILE, read_manifest
 from conftest import minilm_dir
 
 TINY_LAYERS = 2  # tests/conftest.py builds every tiny checkpoint with 2 layers, 4 heads, hidden 32

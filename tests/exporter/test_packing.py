@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from exporter.errors import DeviceRequired, ExportError, OptimizationError
 from exporter.export import ExportConfig, ExportResult, export_model, revalidate
-from exporter.manifest import MODEL_FILE, read_manifest
 from exporter.packing import check_packed_graph, convert_to_packed_attention
 from worker.cli import app
 from worker.exit_codes import ExitCode
+from worker.modeldir.manifest import MODEL_FILE, read_manifest
 
 TINY_LAYERS = 2
 CHECKPOINT_FIXTURES = {
@@ -26,7 +26,7 @@ CHECKPOINT_FIXTURES = {
 
 
 def cuda_available() -> bool:
-    from worker.runner import cuda_usable
+    from worker.modeldir.session import cuda_usable
 
     return cuda_usable()
 
@@ -134,7 +134,7 @@ def test_revalidating_a_packed_model_on_cpu_is_refused(fused_exports, tmp_path: 
     """A packed model's manifest sends validation (and the worker) to CUDA; CPU is refused with exit 6."""
     from dataclasses import replace
 
-    from exporter.manifest import write_manifest
+    from worker.modeldir.manifest import write_manifest
 
     export = fused_exports("embed")
     directory = tmp_path / "packed"

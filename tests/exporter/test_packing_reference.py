@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from exporter.export import ExportResult
-from exporter.manifest import MODEL_FILE, read_manifest
 from exporter.packing import convert_to_packed_attention
-from worker.batching import iter_padded_batches, pad_rows
+from worker.batching import iter_padded_batches
+from worker.modeldir.manifest import MODEL_FILE, read_manifest
+from worker.modeldir.padding import pad_rows
 from worker.tokenize import load_tokenizer, tokenize_window
 from contrib_reference import DOMAIN, check_packing, evaluate, reference_evaluator, right_padded_lengths
 from test_packing import CHECKPOINT_FIXTURES, TINY_LAYERS, fused_exports  # noqa: F401 (fused_exports is a fixture)

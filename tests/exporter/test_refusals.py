@@ -11,9 +11,9 @@ import pytest
 
 from exporter.errors import ExportError, SourceError
 from exporter.export import ExportConfig, OutputExists, export_model
-from exporter.manifest import read_manifest
 from exporter.source import resolve_source
 from worker.exit_codes import ExitCode
+from worker.modeldir.manifest import read_manifest
 
 
 def export(source: str | Path, task: str, out: Path, **options: Any) -> Path:

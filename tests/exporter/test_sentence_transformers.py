@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exporter.export import ExportResult
-from exporter.manifest import TOKENIZER_FILE
+from worker.modeldir.manifest import TOKENIZER_FILE
 
 TEXTS = [
     "i love kathmandu",

@@ -7,8 +7,8 @@ from test_architectures import TESTED_ARCHITECTURES
 from test_export import TESTED_TASKS
 
 from exporter.architectures import ARCHITECTURES
-from exporter.manifest import TASKS
 from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
+from worker.modeldir.manifest import TASKS
 
 
 def test_every_task_has_an_export_test() -> None:

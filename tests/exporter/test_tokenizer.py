@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from exporter.export import ExportResult
-from exporter.manifest import TOKENIZER_FILE
 from exporter.source import load_tokenizer, resolve_source, tokenizer_max_length
+from worker.modeldir.manifest import TOKENIZER_FILE
 
 EXPORTS = ["tiny_embed_export", "tiny_fill_mask_export", "tiny_classify_export"]
 KNOWN_IDS = [

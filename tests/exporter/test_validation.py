@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-import exporter.export
 from exporter.errors import ExportError, ValidationMismatch
+import exporter.export
 from exporter.export import ExportConfig, ExportResult, export_model, revalidate, trace_to_onnx
-from exporter.manifest import MODEL_FILE, Task, read_manifest
 from exporter.source import load_model, load_tokenizer, resolve_source
 from exporter.tasks import TASK_SPECS, HeadSettings
 from exporter.validation import Tolerances, ValidationCase, build_cases, compare_case, validate_onnx
 from worker.exit_codes import ExitCode
+from worker.modeldir.manifest import MODEL_FILE, Task, read_manifest
 
 EMBED_OUTPUTS = ("embedding",)
 FILL_MASK_OUTPUTS = ("mask_positions", "top_scores", "top_ids")

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.batching import iter_padded_batches, pad_rows, padded_length, plan_batches
+from worker.batching import iter_padded_batches, plan_batches
+from worker.modeldir.padding import pad_rows, padded_length
 
 
 def padded_tokens(lengths: list[int], rows: np.ndarray, multiple_of: int) -> int:

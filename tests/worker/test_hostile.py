@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from exporter.export import ExportResult
-from worker.batching import PaddedBatch, pad_rows
+from worker.batching import PaddedBatch
 from worker.cli import app
 from worker.config import RunConfig
 from worker.exit_codes import ExitCode
 from worker.job import run_job
+from worker.modeldir.padding import pad_rows
 from worker.runner import Runner, open_model_dir
 from worker.tokenize import load_tokenizer, tokenize_window
 

@@ -21,12 +21,12 @@ import pytest
 
 from conftest import LABELS, TorchReference, minilm_dir
 from exporter.export import ExportResult
-from exporter.manifest import TASKS
 from worker.batching import PaddedBatch
 from worker.config import RunConfig, with_batch_limits
 from worker.errors import InputError, InputSchemaError, JobLocked, OutputConflict, UsageError
 from worker.job import run_job
 from worker.jobstate import OutputLock
+from worker.modeldir.manifest import TASKS
 from worker.runner import Runner
 
 WORDS = (

@@ -13,12 +13,13 @@ import pytest
 from typer.testing import CliRunner
 
 from exporter.export import ExportResult
-from exporter.manifest import MODEL_FILE, read_manifest, write_manifest
 from worker.batching import iter_padded_batches
 from worker.cli import app
 from worker.errors import DeviceUnavailable
 from worker.exit_codes import ExitCode
-from worker.runner import Runner, cuda_provider_options, cuda_usable, open_model_dir
+from worker.modeldir.manifest import MODEL_FILE, read_manifest, write_manifest
+from worker.modeldir.session import cuda_usable
+from worker.runner import Runner, cuda_provider_options, open_model_dir
 from worker.tokenize import load_tokenizer, tokenize_window
 
 TEXTS = ["i love kathmandu", "", "the river [MASK] past old stone houses", "a [MASK] and a [MASK] in one longer row of text"]

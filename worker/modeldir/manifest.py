@@ -1,7 +1,8 @@
-"""The model-directory manifest: the only contract between exporter and worker.
+"""The model-directory manifest: what an export records and a run reads.
 
 A model directory holds ``model.onnx``, ``tokenizer.json`` and ``bertbatch.json``
-(this manifest). Standard library only, so the worker reads it without torch.
+(this manifest). The exporter writes it, the worker reads it; standard library
+only, so the worker reads it without torch.
 """
 
 from __future__ import annotations
