@@ -24,10 +24,6 @@ class PaddedBatch:
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
 
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 def plan_batches(
     lengths: Sequence[int],

@@ -16,7 +16,6 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -282,7 +281,7 @@ def run(
         show_bar = sys.stderr.isatty() if progress is None else progress
         reporter = ProgressReporter(log_format, show_bar)
         try:
-            summary = run_job(replace(config, progress=show_bar), progress=reporter.advance, on_start=reporter.start)
+            summary = run_job(config, progress=reporter.advance, on_start=reporter.start)
         finally:
             reporter.close()
         if log_format == "json":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
@@ -31,7 +31,7 @@ class RunConfig:
     text_column: str
     text_pair_column: str | None = None
     id_column: str | None = None
-    batch_size: int | None = None  # None: chosen by device, see BATCH_LIMITS
+    batch_size: int | None = None  # None: chosen by device, see BATCH_LIMITS and worker.window.plan_windows
     max_tokens: int | None = None
     pad_multiple: int | None = None  # None: chosen by device, see PAD_MULTIPLE
     max_length: int | None = None
@@ -43,11 +43,14 @@ class RunConfig:
     max_errors: int | None = None
     keep_text: bool = False
     overwrite: bool = False
-    progress: bool = False
     engine: Engine = "local"
     num_workers: int = 2
     gpus_per_worker: float | None = None
     ray_address: str | None = None
+
+
+# Fields older versions wrote into queued specs, which no longer mean anything: ignored on reading.
+RETIRED_FIELDS = frozenset({"progress"})
 
 
 def config_to_spec(config: RunConfig) -> dict[str, Any]:
@@ -58,6 +61,7 @@ def config_to_spec(config: RunConfig) -> dict[str, Any]:
 def config_from_spec(spec: dict[str, Any]) -> RunConfig:
     """Rebuild a config from ``config_to_spec``'s form; unknown or missing fields raise ``ValueError``."""
     hints = get_type_hints(RunConfig)
+    spec = {name: value for name, value in spec.items() if name not in RETIRED_FIELDS}
     unknown = sorted(set(spec) - set(hints))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)} (a spec from a newer bertbatch?)")
@@ -82,15 +86,3 @@ BATCH_LIMITS: dict[str, tuple[int, int]] = {"cpu": (64, 2048), "cuda": (1024, 32
 # multiples of 8, and fewer distinct widths bound the CUDA arena; a CPU only pays for the extra
 # padding (MiniLM on 2 cores: about 2% more rows/s with exact widths).
 PAD_MULTIPLE: dict[str, int] = {"cpu": 1, "cuda": 8}
-
-
-def with_batch_limits(config: RunConfig, on_gpu: bool) -> RunConfig:
-    """Fill in the batch limits and the padding multiple the user left to the device."""
-    device = "cuda" if on_gpu else "cpu"
-    rows, tokens = BATCH_LIMITS[device]
-    return replace(
-        config,
-        batch_size=config.batch_size if config.batch_size is not None else rows,
-        max_tokens=config.max_tokens if config.max_tokens is not None else tokens,
-        pad_multiple=config.pad_multiple if config.pad_multiple is not None else PAD_MULTIPLE[device],
-    )

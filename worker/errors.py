@@ -89,9 +89,3 @@ class EngineError(WorkerError):
     """``--engine ray``: the cluster is unreachable or was lost, or a window failed all its retries."""
 
     exit_code = ExitCode.ENGINE_ERROR
-
-
-class Interrupted(WorkerError):
-    """SIGINT/SIGTERM: the current shard was abandoned, finished ones are kept."""
-
-    exit_code = ExitCode.INTERRUPTED

@@ -158,3 +158,13 @@ def _clear_outputs(output: Path) -> None:
                 path.unlink()
         except OSError as error:
             raise OutputError(f"{path}: cannot remove it for --overwrite: {error}") from error
+
+
+def write_success(state: JobState, rows: int, error_rows: int, provider: str) -> None:
+    """Mark the job finished: ``_SUCCESS`` with this run's counts, written atomically."""
+    path = state.success_file
+    record = {"rows_this_run": rows, "error_rows_this_run": error_rows, "provider": provider}
+    try:
+        write_text_atomic(path, json.dumps(record) + "\n")  # a reader sees a whole _SUCCESS or none
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write it: {error}") from error

@@ -4,13 +4,14 @@ This process (the driver) plans the shards, holds the output lock, writes each s
 it in the job file exactly as with the local engine, so both share the output layout and the
 resume rules. Ray only computes, in a Ray Data pipeline with one row per window::
 
-    pending shards -> read + tokenize (CPU tasks, one per shard)
-                   -> inference (an actor pool; each actor loads one onnxruntime session once)
+    pending shards -> prepare_shard: read, tokenize, pad (CPU tasks, one per shard)
+                   -> compute_window: run, decode, finish (an actor pool; each actor loads one
+                      onnxruntime session once)
                    -> this process, in order (``preserve_order``)
 
 A row carries a whole window as one pickled cell, so however Ray Data merges or splits blocks,
-an actor sees the windows the local engine would cut and runs them through the same code
-(``worker.window``): same batches, same numbers. Ray Data restarts actors that die and retries
+an actor sees the windows the local engine would cut and runs them through the same code and the
+same ``WindowPlan`` (``worker.window``): same batches, same numbers. Ray Data restarts actors that die and retries
 their windows; the driver checks every window arrives once and in order before it is written.
 If the driver dies, committed shards stay and a rerun resumes like a local one.
 
@@ -31,14 +32,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from worker.config import Device, RunConfig, with_batch_limits
+from worker.checks import CheckedJob
+from worker.config import Device, RunConfig
 from worker.decode import vocabulary_of
 from worker.errors import DeviceUnavailable, EngineError, UsageError, WorkerError
 from worker.modeldir.session import CPU, CUDA
-from worker.runner import ModelDir, Runner, open_model_dir
-from worker.source import InputFile, Shard, read_shard
-from worker.tokenize import TokenizedWindow, load_tokenizer
-from worker.window import ComputedWindow, finish_window, pad_window, run_window, tokenize_rows
+from worker.runner import Runner, open_model_dir
+from worker.source import InputFile, Shard
+from worker.tokenize import load_tokenizer
+from worker.window import ComputedWindow, LoadedModel, PreparedWindow, WindowPlan, compute_window, plan_windows, prepare_shard
 
 WINDOW_COLUMN = "window"  # the one column of the pipeline's rows: a pickled window
 # An actor that dies is restarted (a lost node, an OOM kill) and the windows it held are retried,
@@ -61,45 +63,18 @@ class WorkerPlan:
         return CUDA if self.gpus else CPU
 
 
-@dataclass(frozen=True)
-class _TokenizedWindow:
-    """A read and tokenized window on its way to an inference actor."""
-
-    shard: Shard
-    window: int  # the window's index in its shard
-    table: pa.RecordBatch
-    tokens: TokenizedWindow
-    unreadable: dict[int, str]
-    last_of_shard: bool
-
-
-def check_ray_options(config: RunConfig) -> None:
-    """The ``--engine ray`` option checks that need no cluster (``bertbatch submit`` makes them too)."""
-    if config.num_workers < 1:
-        raise UsageError(f"--num-workers must be at least 1, got {config.num_workers}")
-    gpus = config.gpus_per_worker
-    if gpus is not None and gpus < 0:
-        raise UsageError(f"--gpus-per-worker must be 0 or more, got {gpus:g}")
-    if gpus and config.device == "cpu":
-        raise UsageError(f"--gpus-per-worker {gpus:g} with --device cpu: drop one of them")
-    if gpus == 0 and config.device == "cuda":
-        raise UsageError("--device cuda with --gpus-per-worker 0: CPU-only workers cannot run CUDA")
-
-
 @contextmanager
-def compute_on_ray(
-    config: RunConfig, model_dir: ModelDir, max_length: int, files: list[InputFile], shards: list[Shard]
-) -> Iterator[tuple[str, Iterator[ComputedWindow]]]:
+def compute_on_ray(config: RunConfig, job: CheckedJob, shards: list[Shard]) -> Iterator[tuple[str, Iterator[ComputedWindow]]]:
     """The Ray engine: yields ``(provider, computed windows of shards, in order)``.
 
     Joins ``config.ray_address``, or the Ray runtime this process already runs, or starts a
     local one (shut down on leaving).
     """
     with _ray_runtime(config):
-        plan = plan_workers(config)
-        config = with_batch_limits(config, on_gpu=plan.gpus > 0)
-        dataset = _build_dataset(config, model_dir, max_length, files, shards, plan)
-        provider = f"{plan.provider} on {config.num_workers} Ray workers"
+        workers = plan_workers(config)
+        plan = plan_windows(config, job.model_dir.manifest, job.max_length, on_gpu=workers.gpus > 0)
+        dataset = _build_dataset(config, plan, job, shards, workers)
+        provider = f"{workers.provider} on {config.num_workers} Ray workers"
         windows = _in_order(dataset, shards)
         try:
             yield provider, windows
@@ -163,16 +138,14 @@ def _ray_runtime(config: RunConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def _build_dataset(
-    config: RunConfig, model_dir: ModelDir, max_length: int, files: list[InputFile], shards: list[Shard], plan: WorkerPlan
-) -> Any:
+def _build_dataset(config: RunConfig, plan: WindowPlan, job: CheckedJob, shards: list[Shard], workers: WorkerPlan) -> Any:
     import ray
 
     # Workers on other nodes have another working directory: give them absolute paths.
-    files = [replace(input_file, path=input_file.path.absolute()) for input_file in files]
-    model_path = model_dir.path.absolute()
+    files = [replace(input_file, path=input_file.path.absolute()) for input_file in job.files]
+    model_path = job.model_dir.path.absolute()
     read = functools.partial(
-        _read_and_tokenize, config=config, files=files, shards=shards, tokenizer_file=model_dir.tokenizer_file.absolute(), max_length=max_length
+        _prepare_shards, plan=plan, files=files, shards=shards, tokenizer_file=job.model_dir.tokenizer_file.absolute()
     )
     tokenized = (
         ray.data.range(len(shards), override_num_blocks=max(1, len(shards)))
@@ -185,12 +158,12 @@ def _build_dataset(
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = tokenized.map_batches(
             _InferenceActor,
-            fn_constructor_args=(config, model_path, max_length, plan),
+            fn_constructor_args=(plan, model_path, workers),
             batch_size=1,  # one row, one window
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.num_workers),
-            num_cpus=plan.cpus,
-            num_gpus=plan.gpus,
+            num_cpus=workers.cpus,
+            num_gpus=workers.gpus,
             max_restarts=-1,
             max_task_retries=WINDOW_RETRIES,
         )
@@ -209,10 +182,10 @@ def _in_order(dataset: Any, shards: list[Shard]) -> Generator[ComputedWindow, No
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for cell in batch.column(WINDOW_COLUMN).to_pylist():
-                got_window, computed = pickle.loads(cell)
-                if position == len(shards) or (computed.shard, got_window) != (shards[position], window):
+                computed: ComputedWindow = pickle.loads(cell)
+                if position == len(shards) or (computed.shard, computed.index) != (shards[position], window):
                     raise EngineError(
-                        f"Ray returned window {got_window} of {computed.shard.name} out of order (expected window {window} "
+                        f"Ray returned window {computed.index} of {computed.shard.name} out of order (expected window {window} "
                         f"of shard {position + 1} of {len(shards)}); the current shard is dropped, run again to resume"
                     )
                 window += 1
@@ -245,51 +218,37 @@ def _tokenizer(path: Path, max_length: int) -> Any:
     return load_tokenizer(path, max_length)
 
 
-def _read_and_tokenize(
-    batch: pa.Table, *, config: RunConfig, files: list[InputFile], shards: list[Shard], tokenizer_file: Path, max_length: int
-) -> Iterator[pa.Table]:
-    """Stage 1 (a Ray task per shard): read a shard's windows and tokenize them."""
-    tokenizer = _tokenizer(tokenizer_file, max_length)
+def _prepare_shards(batch: pa.Table, *, plan: WindowPlan, files: list[InputFile], shards: list[Shard], tokenizer_file: Path) -> Iterator[pa.Table]:
+    """Stage 1 (a Ray task per shard): read a shard's windows, tokenize and pad them."""
+    tokenizer = _tokenizer(tokenizer_file, plan.max_length)
     for position in batch.column("id").to_pylist():
         shard = shards[position]
-        tables = list(read_shard(files[shard.file_index], shard, config.read_batch_rows))
-        for window, table in enumerate(tables):
-            tokens, unreadable = tokenize_rows(config, tokenizer, table)
-            ready = _TokenizedWindow(shard, window, table, tokens, unreadable, window == len(tables) - 1)
-            yield _cells([ready])
+        for window in prepare_shard(plan, tokenizer, files[shard.file_index], shard):
+            yield _cells([window])
 
 
 class _InferenceActor:
     """Stage 2 (a Ray actor): one onnxruntime session, loaded once, runs window after window."""
 
-    def __init__(self, config: RunConfig, model_path: Path, max_length: int, plan: WorkerPlan) -> None:
-        self.config = config
+    def __init__(self, plan: WindowPlan, model_path: Path, workers: WorkerPlan) -> None:
+        self.plan = plan
         # Ray hands a task's exception back to the driver as itself, but (in some versions) a
         # constructor's only as text: a worker that cannot load its model fails its first window.
         self.failure: WorkerError | None = None
         try:
-            self.model_dir = open_model_dir(model_path)  # on this node: the model must be on shared storage
-            self.runner = Runner(self.model_dir, plan.device, plan.threads)
-            tokenizer = load_tokenizer(self.model_dir.tokenizer_file, max_length)
+            model_dir = open_model_dir(model_path)  # on this node: the model must be on shared storage
+            runner = Runner(model_dir, workers.device, workers.threads)
+            tokenizer = load_tokenizer(model_dir.tokenizer_file, plan.max_length)
         except WorkerError as error:
             self.failure = error
             return
-        self.vocabulary = vocabulary_of(tokenizer, tokenizer.get_vocab_size())
-        self.pad_id = self.model_dir.manifest.special_tokens.pad
+        self.model = LoadedModel(model_dir.manifest, runner, vocabulary_of(tokenizer, tokenizer.get_vocab_size()))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.failure is not None:
             raise self.failure
-        computed = []
-        for cell in batch.column(WINDOW_COLUMN).to_pylist():
-            ready: _TokenizedWindow = pickle.loads(cell)
-            batches = pad_window(self.config, ready.tokens, self.pad_id)
-            results, errors = run_window(
-                self.config, self.runner, self.model_dir.manifest, self.vocabulary, ready.tokens, batches, ready.unreadable
-            )
-            finished = finish_window(self.config, ready.shard, ready.table, ready.tokens, results, errors, ready.last_of_shard)
-            computed.append((ready.window, finished))
-        return _cells(computed)
+        windows: list[PreparedWindow] = [pickle.loads(cell) for cell in batch.column(WINDOW_COLUMN).to_pylist()]
+        return _cells([compute_window(self.plan, self.model, window) for window in windows])
 
 
 def _cells(items: Sequence[object]) -> pa.Table:

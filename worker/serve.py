@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker.config import Device, config_from_spec
@@ -237,7 +237,7 @@ def _run_delivery(
         try:
             if claimed.spec is None:
                 raise ValueError("the job's spec is missing or not JSON")
-            job = replace(config_from_spec(claimed.spec), progress=False)
+            job = config_from_spec(claimed.spec)
             check_confined(job, config.allow_roots)
             summary = run_job(job, progress=delivery.advance, on_start=delivery.start, make_runner=sessions.get)
         finally:

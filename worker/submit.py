@@ -7,7 +7,7 @@ from pathlib import Path
 
 from worker.config import RunConfig, config_to_spec
 from worker.confinement import check_confined, with_absolute_paths
-from worker.job import check_job
+from worker.checks import check_job
 from worker.jobqueue import JobQueue
 
 

@@ -13,8 +13,8 @@ from worker.errors import ModelDirError
 
 
 @dataclass(frozen=True)
-class TokenizedWindow:
-    """Token ids of a window of rows. Null texts are tokenized as empty and flagged.
+class TokenizedRows:
+    """Token ids of a window's rows, as the tokenizer gives them. Null texts are tokenized as empty and flagged.
 
     ``type_ids`` is ``None`` for single-segment rows, whose segment ids are all 0
     (not copied out of the tokenizer: that costs as much as padding the batch).
@@ -43,7 +43,7 @@ def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
 
 def tokenize_window(
     tokenizer: Tokenizer, texts: Sequence[str | None], pairs: Sequence[str | None] | None = None
-) -> TokenizedWindow:
+) -> TokenizedRows:
     """Tokenize a window of texts (and optional second segments) in one parallel call."""
     null = np.fromiter((text is None for text in texts), dtype=bool, count=len(texts))
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets the worker never reads:
@@ -54,7 +54,7 @@ def tokenize_window(
     else:
         null |= np.fromiter((pair is None for pair in pairs), dtype=bool, count=len(pairs))
         encodings = encode([(text or "", pair or "") for text, pair in zip(texts, pairs)])
-    return TokenizedWindow(
+    return TokenizedRows(
         token_ids=[encoding.ids for encoding in encodings],
         type_ids=None if pairs is None else [encoding.type_ids for encoding in encodings],
         truncated=np.fromiter((bool(encoding.overflowing) for encoding in encodings), dtype=bool, count=len(encodings)),

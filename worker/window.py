@@ -1,36 +1,105 @@
-"""One window of rows (a record batch of a shard): tokenize, batch, run, and build its output table.
+"""The window pipeline: one window of rows (a record batch of a shard) from input rows to output rows.
 
-Both engines (local threads, Ray) call these functions, so a row gets the same
-tokens, the same batches and the same numbers whichever engine runs it.
+    prepare_window (tokenize + plan and pad batches) -> run_window (model + decode) -> finish_window (output table)
+
+Both engines call these functions on these types, with one ``WindowPlan`` resolved per job, so a row
+gets the same tokens, the same batches and the same numbers whichever engine runs it; they differ only
+in where the stages run (``worker.local_engine``: three threads of this process; ``worker.ray_engine``:
+read tasks and inference actors, ``compute_window`` being run and finish together).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from worker.batching import PaddedBatch, iter_padded_batches
-from worker.config import RunConfig
+from worker.config import BATCH_LIMITS, PAD_MULTIPLE, RunConfig
 from worker.decode import WindowResults
 from worker.errors import InferenceBroken
 from worker.modeldir.manifest import Manifest
 from worker.runner import Runner
-from worker.source import Shard, column_texts
-from worker.tokenize import TokenizedWindow, tokenize_window
-
+from worker.source import InputFile, Shard, column_texts, read_shard
+from worker.tokenize import TokenizedRows, tokenize_window
 
 INFERENCE_FAILED = "inference failed: "
 SYSTEMIC_FAILURE_ROWS = 8  # a window where at least this many rows, and none other, failed
 
 
 @dataclass(frozen=True)
-class ComputedWindow:
-    """A window's output rows on their way to the writer, from either engine."""
+class WindowPlan:
+    """How every window of a job is read, tokenized, batched and turned into output rows.
+
+    Resolved once per job by ``plan_windows``, once the engine knows its device (the batch limits
+    and the padding multiple the user left open depend on it).
+    """
+
+    text_column: str
+    text_pair_column: str | None
+    keep_text: bool
+    window_rows: int  # rows read per window (``RunConfig.read_batch_rows``)
+    max_length: int  # the tokenizer truncates here
+    batch_size: int
+    max_tokens: int
+    pad_multiple: int
+    pad_id: int
+    top_k: int | None
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
+
+
+def plan_windows(config: RunConfig, manifest: Manifest, max_length: int, on_gpu: bool) -> WindowPlan:
+    """The job's window plan; batch limits and the padding multiple not given default by device."""
+    device = "cuda" if on_gpu else "cpu"
+    rows, tokens = BATCH_LIMITS[device]
+    return WindowPlan(
+        text_column=config.text_column,
+        text_pair_column=config.text_pair_column,
+        keep_text=config.keep_text,
+        window_rows=config.read_batch_rows,
+        max_length=max_length,
+        batch_size=config.batch_size if config.batch_size is not None else rows,
+        max_tokens=config.max_tokens if config.max_tokens is not None else tokens,
+        pad_multiple=config.pad_multiple if config.pad_multiple is not None else PAD_MULTIPLE[device],
+        pad_id=manifest.special_tokens.pad,
+        top_k=config.top_k,
+    )
+
+
+@dataclass(frozen=True)
+class PreparedWindow:
+    """A window read, tokenized and cut into padded batches: what the model runs on."""
 
     shard: Shard
+    index: int  # the window's position in its shard
+    table: pa.RecordBatch  # the input rows
+    tokens: TokenizedRows
+    batches: list[PaddedBatch]
+    unreadable: dict[int, str]  # row -> error note, for text that is not UTF-8
+    last_of_shard: bool
+
+
+@dataclass(frozen=True)
+class InferredWindow:
+    """A prepared window with the model's decoded results and each row's error note (``None``: a result)."""
+
+    prepared: PreparedWindow
+    results: WindowResults
+    errors: list[str | None]
+    null: np.ndarray  # bool per row: no result (null text, unreadable text, or a failed inference)
+
+
+@dataclass(frozen=True)
+class ComputedWindow:
+    """A window's output rows and counts, on their way to the writer."""
+
+    shard: Shard
+    index: int
     table: pa.Table
     error_rows: int
     truncated_rows: int
@@ -38,48 +107,81 @@ class ComputedWindow:
     last_of_shard: bool
 
 
-def tokenize_rows(config: RunConfig, tokenizer: object, table: pa.RecordBatch) -> tuple[TokenizedWindow, dict[int, str]]:
-    """Tokenize a window's text (and pair) column; also returns row -> note for text that is not UTF-8."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """What running and decoding a window needs from the model directory, loaded once per process."""
+
+    manifest: Manifest
+    runner: Runner
+    vocabulary: list[str]  # token strings by id
+
+
+def prepare_shard(plan: WindowPlan, tokenizer: object, input_file: InputFile, shard: Shard) -> Iterator[PreparedWindow]:
+    """Read a shard's windows and prepare each one."""
+    tables = list(read_shard(input_file, shard, plan.window_rows))
+    for index, table in enumerate(tables):
+        yield prepare_window(plan, tokenizer, shard, index, table, last_of_shard=index == len(tables) - 1)
+
+
+def prepare_window(
+    plan: WindowPlan, tokenizer: object, shard: Shard, index: int, table: pa.RecordBatch, last_of_shard: bool
+) -> PreparedWindow:
+    """Tokenize a window's text (and pair) column, plan its batches (length-sorted, by rows and tokens) and pad them."""
     unreadable: dict[int, str] = {}
-    texts, invalid = column_texts(table.column(config.text_column))
-    unreadable.update((row, f"invalid UTF-8 in column {config.text_column!r}") for row in invalid)
+    texts, invalid = column_texts(table.column(plan.text_column))
+    unreadable.update((row, f"invalid UTF-8 in column {plan.text_column!r}") for row in invalid)
     pairs = None
-    if config.text_pair_column:
-        pairs, invalid = column_texts(table.column(config.text_pair_column))
-        unreadable.update((row, f"invalid UTF-8 in column {config.text_pair_column!r}") for row in invalid)
-    return tokenize_window(tokenizer, texts, pairs), unreadable  # type: ignore[arg-type]
-
-
-def pad_window(config: RunConfig, tokens: TokenizedWindow, pad_id: int) -> list[PaddedBatch]:
-    """Plan a window's batches (length-sorted, ``--batch-size`` and ``--max-tokens``) and pad them."""
-    assert config.batch_size is not None and config.pad_multiple is not None, "filled in by the engine (with_batch_limits)"
-    return list(iter_padded_batches(
-        tokens.token_ids, tokens.type_ids, pad_id, config.batch_size, config.max_tokens, multiple_of=config.pad_multiple
+    if plan.text_pair_column:
+        pairs, invalid = column_texts(table.column(plan.text_pair_column))
+        unreadable.update((row, f"invalid UTF-8 in column {plan.text_pair_column!r}") for row in invalid)
+    tokens = tokenize_window(tokenizer, texts, pairs)  # type: ignore[arg-type]
+    batches = list(iter_padded_batches(
+        tokens.token_ids, tokens.type_ids, plan.pad_id, plan.batch_size, plan.max_tokens, multiple_of=plan.pad_multiple
     ))
+    return PreparedWindow(shard, index, table, tokens, batches, unreadable, last_of_shard)
 
 
-def run_window(
-    config: RunConfig,
-    runner: Runner,
-    manifest: Manifest,
-    vocabulary: Sequence[str],
-    tokens: TokenizedWindow,
-    batches: list[PaddedBatch],
-    unreadable: dict[int, str],
-) -> tuple[WindowResults, list[str | None]]:
+def compute_window(plan: WindowPlan, model: LoadedModel, window: PreparedWindow) -> ComputedWindow:
+    """Run, decode and finish a prepared window (the engines that need no stage between them)."""
+    return finish_window(plan, run_window(plan, model, window))
+
+
+def run_window(plan: WindowPlan, model: LoadedModel, window: PreparedWindow) -> InferredWindow:
     """Run every batch of a window; a failing batch is split until the bad row is isolated.
 
-    Returns the results and each row's error note (``None`` for a row with a result).
-    A row whose inference fails is flagged null in ``tokens``.
+    A row whose inference fails gets an error note and no result; a window where every row fails
+    raises ``InferenceBroken``.
     """
-    results = WindowResults(manifest, len(tokens.token_ids), config.top_k, vocabulary)
-    errors: list[str | None] = [_null_note(config) if null else None for null in tokens.null]
-    for row, note in unreadable.items():  # read as null, but say why
+    tokens = window.tokens
+    null = tokens.null.copy()
+    results = WindowResults(model.manifest, len(null), plan.top_k, model.vocabulary)
+    null_note = f"null text in column {' or '.join(repr(column) for column in plan.text_columns)}"
+    errors: list[str | None] = [null_note if row_is_null else None for row_is_null in null]
+    for row, note in window.unreadable.items():  # read as null, but say why
         errors[row] = note
-    for batch in batches:
-        _run_splitting(runner, batch, tokens, results, errors)
-    _refuse_systemic_failure(errors, unreadable, len(tokens.token_ids) - int(tokens.null.sum()))
-    return results, errors
+    for batch in window.batches:
+        _run_splitting(model.runner, batch, results, errors, null)
+    _refuse_systemic_failure(errors, window.unreadable, len(null) - int(null.sum()))
+    return InferredWindow(window, results, errors, null)
+
+
+def finish_window(plan: WindowPlan, window: InferredWindow) -> ComputedWindow:
+    """The window's output rows (its input columns, less the text unless ``keep_text``, then the results) and counts."""
+    prepared = window.prepared
+    table = prepared.table
+    if not plan.keep_text:
+        table = table.drop_columns([plan.text_column])
+    for name, values in window.results.columns(window.null, prepared.tokens.token_ids, window.errors).items():
+        table = table.append_column(name, values)
+    return ComputedWindow(
+        shard=prepared.shard,
+        index=prepared.index,
+        table=pa.Table.from_batches([table]),
+        error_rows=sum(error is not None for error in window.errors),
+        truncated_rows=int(prepared.tokens.truncated.sum()),
+        tokens=int(np.sum(prepared.tokens.lengths)),
+        last_of_shard=prepared.last_of_shard,
+    )
 
 
 def _refuse_systemic_failure(errors: list[str | None], unreadable: dict[int, str], succeeded: int) -> None:
@@ -93,43 +195,17 @@ def _refuse_systemic_failure(errors: list[str | None], unreadable: dict[int, str
         )
 
 
-def finish_window(
-    config: RunConfig,
-    shard: Shard,
-    table: pa.RecordBatch,
-    tokens: TokenizedWindow,
-    results: WindowResults,
-    errors: list[str | None],
-    last_of_shard: bool,
-) -> ComputedWindow:
-    """The window's output rows (its input columns, less the text unless ``--keep-text``, then the results) and counts."""
-    if not config.keep_text:
-        table = table.drop_columns([config.text_column])
-    for name, values in results.columns(tokens.null, tokens.token_ids, errors).items():
-        table = table.append_column(name, values)
-    return ComputedWindow(
-        shard=shard,
-        table=pa.Table.from_batches([table]),
-        error_rows=sum(error is not None for error in errors),
-        truncated_rows=int(tokens.truncated.sum()),
-        tokens=int(np.sum(tokens.lengths)),
-        last_of_shard=last_of_shard,
-    )
-
-
-def _run_splitting(
-    runner: Runner, batch: PaddedBatch, tokens: TokenizedWindow, results: WindowResults, errors: list[str | None]
-) -> None:
+def _run_splitting(runner: Runner, batch: PaddedBatch, results: WindowResults, errors: list[str | None], null: np.ndarray) -> None:
     try:
         outputs = runner.run(batch)
     except Exception as error:  # onnxruntime raises its own types for OOM and kernel failures
         if len(batch.rows) == 1:
             errors[int(batch.rows[0])] = f"{INFERENCE_FAILED}{type(error).__name__}: {error}"
-            tokens.null[batch.rows[0]] = True
+            null[batch.rows[0]] = True
             return
         half = len(batch.rows) // 2
         for part in (slice(0, half), slice(half, None)):
-            _run_splitting(runner, _sub_batch(batch, part), tokens, results, errors)
+            _run_splitting(runner, _sub_batch(batch, part), results, errors, null)
         return
     results.add(batch, outputs)
 
@@ -138,8 +214,3 @@ def _sub_batch(batch: PaddedBatch, part: slice) -> PaddedBatch:
     mask = batch.attention_mask[part]
     width = max(1, int(mask.sum(axis=1).max()))
     return PaddedBatch(batch.rows[part], batch.input_ids[part, :width], mask[:, :width], batch.token_type_ids[part, :width])
-
-
-def _null_note(config: RunConfig) -> str:
-    columns = [config.text_column] + ([config.text_pair_column] if config.text_pair_column else [])
-    return f"null text in column {' or '.join(repr(c) for c in columns)}"

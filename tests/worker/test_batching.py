@@ -132,7 +132,7 @@ def test_iter_padded_batches_carries_every_row_back_to_its_index(
         assert batch.input_ids.shape[1] % 8 == 0
         if len(batch.rows) > 1:
             assert batch.input_ids.size <= max_tokens
-        assert batch.real_tokens == sum(len(rows[i]) for i in batch.rows)
+        assert int(batch.attention_mask.sum()) == sum(len(rows[i]) for i in batch.rows)
         for line, row in enumerate(batch.rows):
             length = len(rows[row])
             assert batch.input_ids[line, :length].tolist() == rows[row]

@@ -22,7 +22,7 @@ import pytest
 from conftest import LABELS, TorchReference, minilm_dir
 from exporter.export import ExportResult
 from worker.batching import PaddedBatch
-from worker.config import RunConfig, with_batch_limits
+from worker.config import RunConfig
 from worker.errors import InputError, InputSchemaError, JobLocked, OutputConflict, UsageError
 from worker.job import run_job
 from worker.jobstate import OutputLock
@@ -106,13 +106,6 @@ def assert_passed_through(output: pa.Table, source: pa.Table, text_column: str =
     kept = source.drop_columns([text_column])
     assert output.select(kept.column_names).equals(kept)
     assert output.column_names[: kept.num_columns] == kept.column_names
-
-
-def test_padding_multiple_by_device() -> None:
-    config = RunConfig(model_dir=Path("m"), input="in.parquet", output=Path("out"), text_column="text")
-    assert with_batch_limits(config, on_gpu=False).pad_multiple == 1
-    assert with_batch_limits(config, on_gpu=True).pad_multiple == 8  # tensor cores
-    assert with_batch_limits(replace(config, pad_multiple=16), on_gpu=True).pad_multiple == 16
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from exporter.export import ExportResult
+from worker.checks import CheckedJob
 from worker.config import RunConfig
 from worker.errors import DeviceUnavailable, ModelDirError, TooManyErrors, UsageError
 from worker.job import JobSummary, run_job
@@ -288,7 +289,7 @@ def test_a_node_that_cannot_see_the_model_fails_with_the_model_error(
     files = inspect_inputs(sorted(small_inputs.glob("*.parquet")), "text", None, "id")
     unseen = ModelDir(tmp_path / "not-on-this-node", model_dir.manifest)
     with pytest.raises(ModelDirError, match="not-on-this-node"):
-        with compute_on_ray(config, unseen, 128, files, plan_shards(files, 40)) as (_, windows):
+        with compute_on_ray(config, CheckedJob(unseen, 128, files), plan_shards(files, 40)) as (_, windows):
             list(windows)
 
 

@@ -1,0 +1,93 @@
+"""Every check a job passes before it writes anything: the model directory, the options, the input columns.
+
+``bertbatch run`` and ``bertbatch serve`` make them in ``run_job``; ``bertbatch submit`` makes them
+too, so a queued job fails at submission rather than on a worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.config import RunConfig
+from worker.decode import result_schema
+from worker.errors import InputError, InputSchemaError, UsageError
+from worker.runner import ModelDir, open_model_dir
+from worker.source import InputFile, inspect_inputs, resolve_inputs
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    """What the checks found: the model directory, the effective max length, the inspected input files."""
+
+    model_dir: ModelDir
+    max_length: int
+    files: list[InputFile]
+
+
+def check_job(config: RunConfig) -> CheckedJob:
+    """Open the model directory, check the options against it and inspect the inputs; raise on the first problem."""
+    model_dir = open_model_dir(config.model_dir)
+    max_length = _check_options(config, model_dir)
+    files = inspect_inputs(_input_paths(config), config.text_column, config.text_pair_column, config.id_column)
+    _refuse_column_clashes(config, model_dir, files)
+    return CheckedJob(model_dir, max_length, files)
+
+
+def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
+    manifest = model_dir.manifest
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {config.max_tokens}")
+    if config.rows_per_shard < 1:
+        raise UsageError(f"--rows-per-shard must be at least 1, got {config.rows_per_shard}")
+    if config.max_errors is not None and config.max_errors < 0:
+        raise UsageError(f"--max-errors must be 0 or more, got {config.max_errors}")
+    if config.max_length is not None and not 2 <= config.max_length <= manifest.max_length:
+        raise UsageError(f"--max-length must be between 2 and the model's {manifest.max_length}, got {config.max_length}")
+    if config.top_k is not None:
+        if manifest.task != "fill-mask":
+            raise UsageError(f"--top-k applies to fill-mask models; {model_dir.path} is a {manifest.task} model")
+        if not 1 <= config.top_k <= (manifest.top_k or 0):
+            raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
+    if config.engine == "ray":
+        _check_ray_options(config)
+    elif config.ray_address is not None or config.gpus_per_worker is not None:
+        raise UsageError("--ray-address and --gpus-per-worker apply to --engine ray")
+    return config.max_length or manifest.max_length
+
+
+def _check_ray_options(config: RunConfig) -> None:
+    """The ``--engine ray`` option checks that need no cluster (``worker.ray_engine`` checks the cluster's resources)."""
+    if config.num_workers < 1:
+        raise UsageError(f"--num-workers must be at least 1, got {config.num_workers}")
+    gpus = config.gpus_per_worker
+    if gpus is not None and gpus < 0:
+        raise UsageError(f"--gpus-per-worker must be 0 or more, got {gpus:g}")
+    if gpus and config.device == "cpu":
+        raise UsageError(f"--gpus-per-worker {gpus:g} with --device cpu: drop one of them")
+    if gpus == 0 and config.device == "cuda":
+        raise UsageError("--device cuda with --gpus-per-worker 0: CPU-only workers cannot run CUDA")
+
+
+def _input_paths(config: RunConfig) -> list[Path]:
+    # Files inside the output directory are never inputs: a rerun must not read its own shards
+    # back, and --overwrite must not delete what it is about to read.
+    output = config.output.resolve()
+    paths = [path for path in resolve_inputs(config.input) if not path.resolve().is_relative_to(output)]
+    if not paths:
+        raise InputError(f"{config.input}: every input file is inside the output directory {config.output}; choose another --output")
+    return paths
+
+
+def _refuse_column_clashes(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> None:
+    # Passed-through columns are never silently replaced by result columns.
+    results = {field.name for field in result_schema(model_dir.manifest)}
+    for input_file in files:
+        kept = set(input_file.columns) - (set() if config.keep_text else {config.text_column})
+        clash = sorted(kept & results)
+        if clash:
+            raise InputSchemaError(
+                f"{input_file.path}: column(s) {', '.join(clash)} would be overwritten by results; rename them first"
+            )
