@@ -29,3 +29,9 @@ class DeviceRequired(ExportError):
     """The export (or its validation) needs a device this machine lacks: packed attention runs on CUDA only."""
 
     exit_code = ExitCode.DEVICE_UNAVAILABLE
+
+
+class TokenizerMismatch(ExportError):
+    """The exported tokenizer.json gives other ids than the checkpoint's own transformers tokenizer."""
+
+    exit_code = ExitCode.VALIDATION_FAILED

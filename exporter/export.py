@@ -14,12 +14,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.architectures import ArchitectureSpec
 from exporter.errors import DeviceRequired, ExportError, OptimizationError, ValidationMismatch
 from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
 from exporter.packing import check_packable, convert_to_packed_attention
 from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
 from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
+from exporter.tokenizer import check_same_ids
 from exporter.validation import (
+    SAMPLE_PAIRS,
+    SAMPLE_TEXTS,
     Tolerances,
     ValidationDevice,
     ValidationReport,
@@ -128,9 +132,12 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     log(f"loading {config.source} for task {config.task}")
     model, architecture = load_model(resolved, config.task)
     tokenizer = load_tokenizer(resolved)
+    checked = check_same_ids(tokenizer, resolved.transformer_dir, config.source, SAMPLE_TEXTS, SAMPLE_PAIRS)
+    log(f"tokenizer.json gives the checkpoint's own tokenizer's ids on {checked} validation texts and pairs")
     special = special_tokens(tokenizer, resolved)
     settings = _head_settings(config, resolved, special)
-    max_length = _max_length(config, resolved, model.config)
+    max_length = _max_length(config, resolved, model.config, architecture)
+    input_names = architecture.input_names(model.config)
     spec = TASK_SPECS[config.task]
     head = spec.build_head(model, architecture, settings)
     output_names = spec.output_names(settings)
@@ -139,7 +146,10 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     log(f"exporting to ONNX (opset {config.opset}, dynamic batch and sequence axes)")
-    trace_to_onnx(head, settings, spec.task, staging / MODEL_FILE, output_names, config.opset, special.pad)
+    trace_to_onnx(
+        head, settings, spec.task, staging / MODEL_FILE, output_names, config.opset, special.pad,
+        input_names=input_names, example=example_rows(tokenizer, settings.mask_token_id if config.task == "fill-mask" else None),
+    )
     tokenizer.save(str(staging / TOKENIZER_FILE))
     for name in _TOKENIZER_COMPANIONS:
         if (resolved.transformer_dir / name).is_file():
@@ -147,7 +157,11 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     optimization: dict[str, Any] = {}
     if config.fused:
         try:
-            shape = encoder_shape(model.config, settings.layers if config.task == "embed" else "last")
+            shape = replace(
+                encoder_shape(model.config, settings.layers if config.task == "embed" else "last"),
+                model_type=architecture.model_type,
+                unfused_attention=architecture.not_fusable,
+            )
             optimization = optimize_onnx(staging / MODEL_FILE, shape, config.fp16, config.quantize, log=log)
             if config.packed:
                 log("converting attention to packing mode (RemovePadding, PackedAttention, RestorePadding; CUDA only)")
@@ -167,7 +181,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         source=_recorded_source(config.source),
         max_length=max_length,
         special_tokens=special,
-        inputs=INPUT_NAMES,
+        inputs=input_names,
         outputs=output_names,
         opset=config.opset,
         pooling=settings.pooling if config.task == "embed" else None,
@@ -222,29 +236,37 @@ def trace_to_onnx(
     output_names: tuple[str, ...],
     opset: int,
     pad_id: int,
+    *,
+    input_names: tuple[str, ...] = INPUT_NAMES,
+    example: tuple[list[list[int]], list[list[int]]] | None = None,
 ) -> None:
     """Export with the TorchScript exporter, whose graphs onnxruntime's fusions recognise.
 
     The example batch has two rows of different lengths (a real padding mask), so
     neither an all-ones mask nor a size-1 dimension can be frozen into the graph.
+    ``example`` is its (token ids, type ids), from the model's own tokenizer
+    (``example_rows``); the default holds bert-base-uncased ids. The graph takes
+    ``input_names``: the inputs the model reads.
     """
     import torch
 
-    mask_id = settings.mask_token_id if task == "fill-mask" else None
-    first = [101, 2023, 2003, mask_id or 1037, 3231, 1997, 1996, mask_id or 4654, 102]
-    second = [101, mask_id or 2117, 2028, 2003, 102]
-    arrays = pad_rows([first, second], [[0] * len(first), [0] * 3 + [1] * 2], pad_id)
-    example = tuple(torch.from_numpy(array) for array in arrays)
+    if example is None:
+        mask_id = settings.mask_token_id if task == "fill-mask" else None
+        first = [101, 2023, 2003, mask_id or 1037, 3231, 1997, 1996, mask_id or 4654, 102]
+        second = [101, mask_id or 2117, 2028, 2003, 102]
+        example = ([first, second], [[0] * len(first), [0] * 3 + [1] * 2])
+    arrays = dict(zip(INPUT_NAMES, pad_rows(example[0], example[1], pad_id)))
+    inputs = tuple(torch.from_numpy(arrays[name]) for name in input_names)
     head.eval()
     try:
         with torch.no_grad():
             torch.onnx.export(
                 head,
-                example,
+                inputs,
                 str(path),
-                input_names=list(INPUT_NAMES),
+                input_names=list(input_names),
                 output_names=list(output_names),
-                dynamic_axes=dynamic_axes(TASK_SPECS[task], settings),
+                dynamic_axes=dynamic_axes(TASK_SPECS[task], settings, input_names),
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
@@ -255,10 +277,24 @@ def trace_to_onnx(
         head.eval()  # the exporter restores the previous training flags recursively
 
 
+def example_rows(tokenizer: Tokenizer, mask_id: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """Two rows for tracing, in the model's own vocabulary: a long single segment (two masks for
+    fill-mask) and a shorter sentence pair, so the rows differ in length and in token types."""
+    first = tokenizer.encode("This is a test of the export, with a few more words.")
+    second = tokenizer.encode("A pair", "of texts")
+    rows = [list(first.ids), list(second.ids)]
+    if mask_id is not None:
+        rows[0][1] = rows[0][len(rows[0]) // 2] = rows[1][1] = mask_id
+    return rows, [list(first.type_ids), list(second.type_ids)]
+
+
 def special_tokens(tokenizer: Tokenizer, resolved: ResolvedSource) -> SpecialTokens:
     names = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
-    config_file = resolved.transformer_dir / "special_tokens_map.json"
-    if config_file.is_file():
+    # transformers 5 writes the special tokens into tokenizer_config.json only; older
+    # checkpoints also have special_tokens_map.json, which wins.
+    for config_file in (resolved.transformer_dir / "tokenizer_config.json", resolved.transformer_dir / "special_tokens_map.json"):
+        if not config_file.is_file():
+            continue
         declared = json.loads(config_file.read_text(encoding="utf-8"))
         for key in names:
             value = declared.get(f"{key}_token")
@@ -286,12 +322,16 @@ def _head_settings(config: ExportConfig, resolved: ResolvedSource, special: Spec
     )
 
 
-def _max_length(config: ExportConfig, resolved: ResolvedSource, model_config: Any) -> int:
-    positions = int(getattr(model_config, "max_position_embeddings", 512))
+def _max_length(config: ExportConfig, resolved: ResolvedSource, model_config: Any, architecture: ArchitectureSpec) -> int:
+    # RoBERTa-style models number positions from padding_idx + 1: 514 embeddings hold 512 tokens.
+    positions = architecture.max_length(model_config)
     st = resolved.sentence_transformers
     declared = (st.max_seq_length if st else None) or tokenizer_max_length(resolved) or positions
     if config.max_length is not None and config.max_length > positions:
-        raise ExportError(f"--max-length {config.max_length} exceeds the model's {positions} position embeddings")
+        raise ExportError(
+            f"--max-length {config.max_length} exceeds the {positions} tokens the model's position embeddings hold "
+            f"({architecture.model_type}, max_position_embeddings {model_config.max_position_embeddings})"
+        )
     return min(config.max_length or declared, positions)
 
 

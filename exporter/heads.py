@@ -1,6 +1,7 @@
 """The in-graph heads: small torch modules around the encoder so only small tensors leave the model.
 
-Every head takes ``(input_ids, attention_mask, token_type_ids)`` and is put in eval
+Every head takes ``(input_ids, attention_mask)``, plus ``token_type_ids`` for the
+families that read them (``ArchitectureSpec.input_names``), and is put in eval
 mode by its constructor: ``torch.onnx.export`` restores a module's training flag
 recursively afterwards, so a wrapper left in training mode would silently turn
 dropout back on in the PyTorch reference.
@@ -29,6 +30,16 @@ def select_layers(hidden_states: tuple[torch.Tensor, ...], layers: Layers) -> to
     raise ValueError(f"unknown layers choice {layers!r}")
 
 
+def encoder_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The keyword inputs of a transformers model: ``token_type_ids`` only where the graph takes them."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    return inputs
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average over real tokens only: padding never enters the mean."""
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -55,13 +66,10 @@ class EmbeddingHead(nn.Module):
         self.eval()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
         output = self.encoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            output_hidden_states=self.layers != "last",
+            **encoder_inputs(input_ids, attention_mask, token_type_ids), output_hidden_states=self.layers != "last"
         )
         hidden = output.last_hidden_state if self.layers == "last" else select_layers(output.hidden_states, self.layers)
         if self.pooling == "mean":
@@ -94,11 +102,9 @@ class FillMaskHead(nn.Module):
         self.eval()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
+        hidden = self.encoder(**encoder_inputs(input_ids, attention_mask, token_type_ids)).last_hidden_state
         positions = torch.nonzero(input_ids == self.mask_token_id)
         selected = hidden[positions[:, 0], positions[:, 1]]
         probabilities = torch.softmax(self.lm_head(selected), dim=-1)
@@ -115,9 +121,7 @@ class ClassifierHead(nn.Module):
         self.eval()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        logits = self.classifier(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).logits
+        logits = self.classifier(**encoder_inputs(input_ids, attention_mask, token_type_ids)).logits
         return (torch.softmax(logits, dim=-1),)

@@ -65,6 +65,9 @@ class EncoderShape:
     num_heads: int
     hidden_size: int
     num_layers: int
+    model_type: str = "bert"  # the family, named in errors and the manifest
+    # Why attention cannot fuse in this family (ArchitectureSpec.not_fusable); None: it must, in every layer.
+    unfused_attention: str | None = None
 
 
 def encoder_shape(model_config: Any, layers: Layers = "last") -> EncoderShape:
@@ -105,9 +108,11 @@ def optimize_onnx(
         f"hidden_size {shape.hidden_size})")
     record = fuse_transformer_ops(model_path, shape)
     log("  fused: " + ", ".join(f"{op} {n}" for op, n in record["fused"].items() if n))
+    if shape.unfused_attention:
+        log(f"  attention stays unfused in {shape.model_type}: {shape.unfused_attention}")
     if precision == "fp16":
         log("converting the encoder to float16 (inputs, outputs and in-graph heads stay float32)")
-        record["float16"] = convert_to_float16(model_path)
+        record["float16"] = convert_to_float16(model_path, attention_fused=shape.unfused_attention is None)
     elif precision == "int8":
         log("quantizing MatMul weights to int8 (dynamic quantization, per-channel)")
         record["quantization"] = quantize_to_int8(model_path)
@@ -136,13 +141,16 @@ def fuse_transformer_ops(model_path: Path, shape: EncoderShape) -> dict[str, Any
     counts = count_ops(optimized.model)
     fused = {op: counts.get(op, 0) for op in FUSED_OP_TYPES}
     attention = sum(fused[op] for op in ATTENTION_OP_TYPES)
-    if attention != shape.num_layers:
+    expected = 0 if shape.unfused_attention else shape.num_layers
+    if attention != expected:
         raise OptimizationError(
-            f"{model_path}: attention fused in {attention} of {shape.num_layers} layers "
-            f"(fused operators: {_describe(fused)}; expected one Attention per layer with num_heads "
+            f"{model_path}: attention fused in {attention} of {shape.num_layers} layers of this {shape.model_type} graph "
+            f"(fused operators: {_describe(fused)}; expected {expected} Attention with num_heads "
             f"{shape.num_heads}, hidden_size {shape.hidden_size}). The graph does not match the pattern "
             "onnxruntime's BERT optimizer knows; export without --optimize/--fp16/--quantize, or report the checkpoint."
         )
+    if not any(fused.values()):
+        raise OptimizationError(f"{model_path}: onnxruntime's optimizer fused nothing in this {shape.model_type} graph")
     _check_interface(before, optimized.model, "fusion")
     optimized.topological_sort()
     save_over(optimized.model, model_path)
@@ -154,20 +162,27 @@ def fuse_transformer_ops(model_path: Path, shape: EncoderShape) -> dict[str, Any
         "hidden_size": shape.hidden_size,
         "layers": shape.num_layers,
         "fused": fused,
+        "family": shape.model_type,
+        # What did not fuse and why: a partly fused graph says so (and is validated like any other).
+        "attention": f"not fused: {shape.unfused_attention}" if shape.unfused_attention else "fused in every layer",
         # EmbedLayerNormalization turns the 2-D mask into per-row lengths (onnxruntime's
         # default for BERT, the fast path on GPU): rows must be right-padded, as the worker does.
         "attention_mask": "mask index: rows must be right-padded",
     }
 
 
-def convert_to_float16(model_path: Path) -> dict[str, Any]:
-    """Convert the fused encoder to float16, keeping float32 graph inputs, outputs and heads."""
+def convert_to_float16(model_path: Path, attention_fused: bool = True) -> dict[str, Any]:
+    """Convert the fused encoder to float16, keeping float32 graph inputs, outputs and heads.
+
+    With ``attention_fused`` false (a family whose attention cannot fuse), its MatMuls run
+    in float16 and the unfused score arithmetic (scale, bias, mask, softmax) stays float32.
+    """
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     before = onnx.load(str(model_path))
     present = {node.op_type for node in before.graph.node}
-    if not present & {"Attention", "MultiHeadAttention"}:
+    if attention_fused and not present & {"Attention", "MultiHeadAttention"}:
         raise OptimizationError(f"{model_path}: float16 conversion expects the fused graph; fuse it first")
     kept_float32 = sorted(present - FLOAT16_OP_TYPES)
     model = OnnxModel(onnx.load(str(model_path)))

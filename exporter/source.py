@@ -7,6 +7,7 @@ code refused and weights loaded safely (safetensors, or ``weights_only`` pickles
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,17 +148,30 @@ def load_model(resolved: ResolvedSource, task: Task) -> tuple[Any, ArchitectureS
         )
     except Exception as error:  # OSError for missing weights, ValueError for unsafe pickles, ...
         raise SourceError(f"{resolved.given}: cannot load weights for task {task!r}: {error}") from error
-    _refuse_missing_head(resolved.given, task, architecture, loading_info.get("missing_keys", []))
+    missing = list(loading_info.get("missing_keys", []))
+    _refuse_missing_head(resolved.given, task, architecture, missing, _tied_keys(model))
+    if task == "embed" and architecture.pooler_prefix and any(k.startswith(architecture.pooler_prefix) for k in missing):
+        # A base model loaded from a masked-LM checkpoint (roberta-base, xlm-roberta-base) gets a
+        # randomly initialised pooler: drop it, so --pooling pooler is refused instead of exporting noise.
+        model.pooler = None
     model.eval()
     return model, architecture
 
 
-def _refuse_missing_head(source: str, task: Task, architecture: ArchitectureSpec, missing: list[str]) -> None:
+def _tied_keys(model: Any) -> set[str]:
+    # transformers 5: {tied weight: the weight it shares}; 4.x: a list of tied weights.
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    return set(tied)
+
+
+def _refuse_missing_head(
+    source: str, task: Task, architecture: ArchitectureSpec, missing: list[str], tied: Collection[str] = ()
+) -> None:
     # A head that transformers had to initialise randomly would export fine and
     # predict noise: refuse it instead of producing a plausible-looking model.
     prefix = {"fill-mask": architecture.masked_lm_head_prefix, "classify": architecture.classifier_head_prefix}.get(task)
-    tied = {f"{architecture.masked_lm_head_prefix}predictions.decoder.weight"}
-    head_missing = [k for k in missing if prefix and k.startswith(prefix) and k not in tied]
+    tied_weights = set(tied) | {f"{p}predictions.decoder.weight" for p in architecture.masked_lm_head_prefix}
+    head_missing = [k for k in missing if prefix and k.startswith(prefix) and k not in tied_weights]
     if head_missing:
         what = "a masked-LM" if task == "fill-mask" else "a fine-tuned sequence classifier"
         raise SourceError(
@@ -167,22 +181,20 @@ def _refuse_missing_head(source: str, task: Task, architecture: ArchitectureSpec
 
 
 def load_tokenizer(resolved: ResolvedSource) -> Tokenizer:
-    """The fast tokenizer, with padding and truncation switched off (the worker sets them per run)."""
+    """The fast tokenizer, with padding and truncation switched off (the worker sets them per run).
+
+    A checkpoint without ``tokenizer.json`` is converted from its slow tokenizer's files
+    (``exporter.tokenizer``); the export then checks the result against transformers.
+    """
     from tokenizers import Tokenizer
 
     tokenizer_file = resolved.transformer_dir / "tokenizer.json"
     if tokenizer_file.is_file():
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     else:
-        from transformers import AutoTokenizer
+        from exporter.tokenizer import convert_tokenizer
 
-        try:
-            fast = AutoTokenizer.from_pretrained(resolved.transformer_dir, use_fast=True, trust_remote_code=False)
-        except Exception as error:
-            raise SourceError(f"{resolved.given}: no tokenizer.json and no tokenizer transformers can load: {error}") from error
-        if not getattr(fast, "is_fast", False):
-            raise SourceError(f"{resolved.given}: only a slow tokenizer is available; bertbatch needs a fast one")
-        tokenizer = fast.backend_tokenizer
+        tokenizer = convert_tokenizer(resolved.transformer_dir, resolved.given)
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer

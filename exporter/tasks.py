@@ -16,6 +16,7 @@ from worker.modeldir.manifest import Layers, Pooling, Task
 if TYPE_CHECKING:
     from torch import nn
 
+# Every input a graph may take; each family's graph takes those its model reads (ArchitectureSpec.input_names).
 INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 _BATCH_SEQUENCE = {0: "batch", 1: "sequence"}
 
@@ -68,11 +69,11 @@ def _build_fill_mask_head(model: Any, architecture: ArchitectureSpec, settings: 
     from exporter.heads import FillMaskHead
 
     if settings.mask_token_id is None:
-        raise ExportError("fill-mask: the tokenizer has no [MASK] token")
+        raise ExportError(f"fill-mask: the tokenizer has no mask token, which {architecture.model_type} fill-mask needs")
     if settings.top_k < 1:
         raise ExportError(f"--top-k must be at least 1, got {settings.top_k}")
     encoder = getattr(model, architecture.encoder_attribute)
-    lm_head = getattr(model, architecture.masked_lm_head_attribute)
+    lm_head = architecture.masked_lm_head(model)
     return FillMaskHead(encoder, lm_head, settings.mask_token_id, settings.top_k)
 
 
@@ -104,7 +105,9 @@ TASK_SPECS: dict[Task, TaskSpec] = {
 }
 
 
-def dynamic_axes(spec: TaskSpec, settings: HeadSettings) -> dict[str, dict[int, str]]:
-    axes = {name: dict(_BATCH_SEQUENCE) for name in INPUT_NAMES}
+def dynamic_axes(
+    spec: TaskSpec, settings: HeadSettings, input_names: tuple[str, ...] = INPUT_NAMES
+) -> dict[str, dict[int, str]]:
+    axes = {name: dict(_BATCH_SEQUENCE) for name in input_names}
     axes.update({name: spec.output_axes[name] for name in spec.output_names(settings)})
     return axes

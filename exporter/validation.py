@@ -199,13 +199,16 @@ def _with_masks(row: list[int], mask_token_id: int) -> list[int]:
     return masked
 
 
-def reference_outputs(head: nn.Module, case: ValidationCase) -> list[np.ndarray]:
+def reference_outputs(
+    head: nn.Module, case: ValidationCase, input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+) -> list[np.ndarray]:
+    """PyTorch's outputs, fed the same inputs as the graph (``token_type_ids`` only where it takes them)."""
     import torch
 
     if head.training or any(module.training for module in head.modules()):
         raise RuntimeError("the PyTorch reference is in training mode (dropout on); call .eval() first")
     with torch.inference_mode():
-        outputs = head(*(torch.from_numpy(case.inputs[name]) for name in ("input_ids", "attention_mask", "token_type_ids")))
+        outputs = head(**{name: torch.from_numpy(case.inputs[name]) for name in input_names})
     return [output.float().numpy() if output.is_floating_point() else output.numpy() for output in outputs]
 
 
@@ -293,10 +296,11 @@ def validate_onnx(
 ) -> ValidationReport:
     """Run every case through PyTorch (float32, CPU) and onnxruntime (on ``device``) and compare."""
     session = validation_session(onnx_path, device)
+    input_names = tuple(graph_input.name for graph_input in session.get_inputs())
     report = ValidationReport(passed=True, tolerances=tolerances, device=device)
     for case in cases:
-        reference = reference_outputs(head, case)
-        candidate = session.run(list(output_names), case.inputs)
+        reference = reference_outputs(head, case, input_names)
+        candidate = session.run(list(output_names), {name: case.inputs[name] for name in input_names})
         stats, problems = compare_case(task, case, output_names, reference, candidate, tolerances)
         report.cases.append({"name": case.name, "shape": list(case.inputs["input_ids"].shape), "passed": not problems})
         for name, output_stats in stats.items():

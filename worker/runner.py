@@ -13,6 +13,9 @@ from worker.errors import DeviceUnavailable, ModelDirError
 from worker.modeldir.manifest import MANIFEST_NAME, Manifest, read_manifest
 from worker.modeldir.session import CUDA, FATAL_ONLY, create_session, cuda_unavailable_reason, provider_of
 
+# What a PaddedBatch holds; a graph takes all of them or input_ids and attention_mask only.
+BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 @dataclass(frozen=True)
 class ModelDir:
@@ -78,15 +81,20 @@ class Runner:
                 "use --device cpu or --device auto"
             )
         self.output_names = list(manifest.outputs)
+        # Feeds follow the graph: a family without token types (RoBERTa, DistilBERT, ...) exports
+        # no token_type_ids input, and feeding one would fail ("Invalid Feed Input Name").
+        self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
+        unknown = sorted(set(self.input_names) - set(BATCH_INPUTS))
+        if unknown:
+            raise ModelDirError(
+                f"{model_dir.model_file}: the graph takes inputs {unknown} the worker does not make; "
+                f"it feeds {', '.join(BATCH_INPUTS)}. Re-export it with `bertbatch export`"
+            )
         self._ortvalue = onnxruntime.OrtValue
         self._on_cuda = self.provider == CUDA
 
     def run(self, batch: PaddedBatch) -> dict[str, np.ndarray]:
-        feeds = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "token_type_ids": batch.token_type_ids,
-        }
+        feeds = {name: getattr(batch, name) for name in self.input_names}
         binding = self.session.io_binding()
         for name, array in feeds.items():
             if self._on_cuda:

@@ -7,26 +7,34 @@ from pathlib import Path
 
 import pytest
 
+from family_checkpoints import FAMILIES, save_family_checkpoint
+
 from exporter.architectures import ARCHITECTURES, architecture_for
 from exporter.errors import SourceError
 from exporter.source import load_model, resolve_source
 
 # Every architecture with a test below; tests/exporter/test_tasks.py fails if a registered one is missing.
-TESTED_ARCHITECTURES = ("bert",)
+TESTED_ARCHITECTURES = tuple(FAMILIES)
 TINY_CHECKPOINTS = {
     "bert": {"embed": "tiny_base_checkpoint", "fill-mask": "tiny_mlm_checkpoint", "classify": "tiny_classifier_checkpoint"},
 }
 
 
 @pytest.mark.parametrize("model_type", TESTED_ARCHITECTURES)
-def test_spec_matches_the_transformers_models(model_type: str, request: pytest.FixtureRequest) -> None:
+def test_spec_matches_the_transformers_models(
+    model_type: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     import torch
 
     spec = ARCHITECTURES[model_type]
     assert spec.model_type == model_type
     loaded = {}
-    for task, fixture in TINY_CHECKPOINTS[model_type].items():
-        model, architecture = load_model(resolve_source(str(request.getfixturevalue(fixture))), task)  # type: ignore[arg-type]
+    for task in ("embed", "fill-mask", "classify"):
+        if model_type in TINY_CHECKPOINTS:
+            checkpoint = request.getfixturevalue(TINY_CHECKPOINTS[model_type][task])
+        else:
+            checkpoint = save_family_checkpoint(tmp_path_factory.mktemp(f"{model_type}-{task}"), model_type, task)
+        model, architecture = load_model(resolve_source(str(checkpoint)), task)  # type: ignore[arg-type]
         assert model.config.model_type == model_type
         assert architecture is spec
         assert not model.training
@@ -42,9 +50,11 @@ def test_spec_matches_the_transformers_models(model_type: str, request: pytest.F
 
     # FillMaskHead runs the encoder attribute, then the head attribute on its last hidden state.
     encoder = getattr(masked_lm, spec.encoder_attribute)
-    lm_head = getattr(masked_lm, spec.masked_lm_head_attribute)
+    lm_head = spec.masked_lm_head(masked_lm)
+    if len(spec.masked_lm_head_attributes) == 1 and spec.masked_lm_head_builder is None:
+        assert lm_head is getattr(masked_lm, spec.masked_lm_head_attribute)
     assert isinstance(getattr(classifier, spec.encoder_attribute), type(encoder))
-    input_ids = torch.tensor([[101, 1045, 2293, 103, 102]])
+    input_ids = torch.tensor([[101, 1045, 2293, 103, 102]]) if model_type == "bert" else torch.tensor([[0, 45, 93, 4, 2]])
     with torch.no_grad():
         through_attributes = lm_head(encoder(input_ids=input_ids).last_hidden_state)
         whole_model = masked_lm(input_ids=input_ids).logits
@@ -52,5 +62,7 @@ def test_spec_matches_the_transformers_models(model_type: str, request: pytest.F
 
 
 def test_an_unknown_model_type_names_the_supported_ones() -> None:
-    with pytest.raises(SourceError, match=r"some/model: model_type 'roberta' is not supported; bertbatch exports bert"):
-        architecture_for("roberta", "some/model")
+    supported = ", ".join(sorted(ARCHITECTURES))
+    assert supported.startswith("bert, camembert, deberta-v2, distilbert, electra, modernbert, mpnet, roberta")
+    with pytest.raises(SourceError, match=rf"some/model: model_type 'gpt2' is not supported; bertbatch exports {supported}$"):
+        architecture_for("gpt2", "some/model")

@@ -247,8 +247,8 @@ def test_a_failed_export_is_kept_aside_and_never_becomes_the_output(
 ) -> None:
     real_trace = exporter.export.trace_to_onnx
 
-    def trace_with_frozen_mask(head: nn.Module, *args: Any) -> None:
-        real_trace(FrozenMask(head), *args)
+    def trace_with_frozen_mask(head: nn.Module, *args: Any, **kwargs: Any) -> None:
+        real_trace(FrozenMask(head), *args, **kwargs)
 
     monkeypatch.setattr(exporter.export, "trace_to_onnx", trace_with_frozen_mask)
     out = tmp_path / "model"
