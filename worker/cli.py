@@ -317,6 +317,7 @@ def serve(
     max_attempts: Annotated[int, typer.Option(help="Failed attempts after which a job goes to the dead-letter list.")] = 3,
     poll_seconds: Annotated[float, typer.Option(help="How often an idle worker looks for a job.")] = 1.0,
     worker_id: Annotated[Optional[str], typer.Option(help="This worker's name in the queue (default: HOST:PID).")] = None,
+    allow_volatile_redis: Annotated[bool, typer.Option("--allow-volatile-redis", help="Run on a Redis without an append-only file, which loses every job on a restart (refused by default).")] = False,
     log_format: LogFormatOption = "text",
     debug: DebugOption = False,
 ) -> None:
@@ -333,6 +334,7 @@ def serve(
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
             poll_seconds=poll_seconds,
+            allow_volatile_redis=allow_volatile_redis,
         )
         stop = threading.Event()
         with _signals_stop(stop):

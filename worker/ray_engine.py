@@ -25,7 +25,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from worker.config import Device, RunConfig
 from worker.decode import vocabulary_of
 from worker.errors import DeviceUnavailable, EngineError, UsageError, WorkerError
 from worker.modeldir.session import CPU, CUDA
+from worker.process_guard import watch_new_processes
 from worker.runner import Runner, open_model_dir
 from worker.source import InputFile, Shard
 from worker.tokenize import load_tokenizer
@@ -122,20 +123,22 @@ def _ray_runtime(config: RunConfig) -> Iterator[None]:
             raise UsageError(f"--ray-address {address}: this process is already connected to a Ray cluster")
         yield
         return
-    try:
-        if address is None:
-            # Logical CPUs for the workers and one reading stage even on a machine with fewer cores:
-            # they share the cores, where a cluster of real CPUs would leave the job waiting forever.
-            cpus = max(os.cpu_count() or 1, config.num_workers * (config.threads or 1) + 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-        else:
-            ray.init(address=address, log_to_driver=True)
-    except ConnectionError as error:
-        raise EngineError(f"--ray-address {address}: cannot connect to a Ray cluster: {error}") from error
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with ExitStack() as runtime:
+        try:
+            if address is None:
+                # Logical CPUs for the workers and one reading stage even on a machine with fewer cores:
+                # they share the cores, where a cluster of real CPUs would leave the job waiting forever.
+                cpus = max(os.cpu_count() or 1, config.num_workers * (config.threads or 1) + 1)
+                # The runtime this process starts must not outlive it, even when it is SIGKILLed.
+                runtime.enter_context(watch_new_processes(functools.partial(ray.init, num_cpus=cpus, include_dashboard=False, log_to_driver=True)))
+            else:
+                ray.init(address=address, log_to_driver=True)
+        except ConnectionError as error:
+            raise EngineError(f"--ray-address {address}: cannot connect to a Ray cluster: {error}") from error
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _build_dataset(config: RunConfig, plan: WindowPlan, job: CheckedJob, shards: list[Shard], workers: WorkerPlan) -> Any:

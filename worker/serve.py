@@ -4,10 +4,16 @@ One job at a time. A housekeeping thread renews the job's lease (with its progre
 other workers' expired leases. Sessions stay warm across jobs. When ``stop`` is set (the CLI sets it
 on SIGTERM), the current job stops at the next batch boundary: committed shards stay in its output,
 the job goes back to the front of the queue without counting an attempt, and ``serve`` returns.
+
+An outage of the queue is nobody's failed attempt: a worker keeps running its job while Redis is
+unreachable (its output lock keeps any second delivery out), takes its lapsed lease back when Redis
+returns, and retries recording the outcome; reapers wait a lease after an outage before reaping.
+A job whose output is locked backs off behind the other jobs, without counting an attempt.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +43,7 @@ class ServeConfig:
     max_attempts: int = 3
     poll_seconds: float = 1.0
     max_sessions: int = 2
+    allow_volatile_redis: bool = False  # run on a Redis that would lose the queue on a restart
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,9 @@ class _Delivery:
         self.rows_to_do = 0
         self.provider = ""
         self.lease_lost = threading.Event()
-        self.renewed_at = time.monotonic()
-        self._stop = stop
+        self.queue_was_out = False  # the last renewal failed: take the lease back once the queue answers
+        self.forgotten = False  # the queue lost its record of the job (a Redis without persistence)
+        self.stop = stop
         self._started = started
 
     def start(self, provider: str, rows_to_do: int) -> None:
@@ -99,7 +107,7 @@ class _Delivery:
     def advance(self, rows: int) -> None:
         # Called by run_job after each window is written: raising here abandons only the uncommitted shard.
         self.rows_done += rows
-        if self._stop.is_set():
+        if self.stop.is_set():
             raise _StopRequested
         if self.lease_lost.is_set():
             raise _LeaseLost
@@ -114,6 +122,7 @@ class _Housekeeper:
         self._lock = threading.Lock()  # held while renewing, so a detached job is never renewed or flagged
         self._closed = threading.Event()
         self._wake = threading.Event()
+        self._reachable_since: float | None = None  # monotonic time since which every call reached the queue
         self._thread = threading.Thread(target=self._loop, name="bertbatch-housekeeper", daemon=True)
 
     def __enter__(self) -> _Housekeeper:
@@ -139,6 +148,14 @@ class _Housekeeper:
         if not self._thread.is_alive():
             raise QueueError("the housekeeping thread died (see the traceback above); stopping so leases are not left stale")
 
+    def queue_out(self) -> None:
+        """Note that a call to the queue failed (from any thread)."""
+        self._reachable_since = None
+
+    def _queue_answered(self) -> None:
+        if self._reachable_since is None:
+            self._reachable_since = time.monotonic()
+
     def _loop(self) -> None:
         interval = self.config.lease_seconds / 3
         while True:
@@ -148,10 +165,22 @@ class _Housekeeper:
                 return
             self._renew()
             try:
-                for job_id, state in self.queue.reap(self.config.max_attempts):
-                    self.log("reaped", job=job_id, state=state)
+                if self._steady():
+                    for job_id, state in self.queue.reap(self.config.max_attempts):
+                        self.log("reaped", job=job_id, state=state)
             except QueueError as error:
+                self.queue_out()
                 self.log("queue_error", error=str(error))
+
+    def _steady(self) -> bool:
+        # Leases lapse while the queue is out (a restart, a network outage), and their workers take
+        # them back once it answers: reaping before then would count the outage as the jobs' failure.
+        # So reap only after reaching the queue for a whole lease, on a server up for a whole lease.
+        seconds_up = self.queue.seconds_up()
+        self._queue_answered()
+        assert self._reachable_since is not None
+        lease = self.config.lease_seconds
+        return seconds_up >= lease and time.monotonic() - self._reachable_since >= lease
 
     def _renew(self) -> None:
         with self._lock:
@@ -160,16 +189,26 @@ class _Housekeeper:
 
     def _renew_lease(self, delivery: _Delivery) -> None:
         try:
-            held = self.queue.heartbeat(
-                delivery.job_id, self.config.worker_id, self.config.lease_seconds,
+            held = self.queue.renew(
+                delivery.job_id, self.config.worker_id, self.config.lease_seconds, take_back=delivery.queue_was_out,
                 rows_done=delivery.rows_done, rows_to_do=delivery.rows_to_do, provider=delivery.provider,
-            )
+            )  # fmt: skip
         except QueueError as error:
+            # Keep running: while the queue is out nobody can take the job, and the output lock
+            # keeps out a delivery that a reaper on the other side of a partition might start.
+            self.queue_out()
             self.log("queue_error", job=delivery.job_id, error=str(error))
-            held = time.monotonic() - delivery.renewed_at < self.config.lease_seconds
-        else:
-            delivery.renewed_at = time.monotonic() if held else delivery.renewed_at
-        if not held and not delivery.lease_lost.is_set():
+            delivery.queue_was_out = True
+            return
+        self._queue_answered()
+        if delivery.queue_was_out:
+            self.log("queue_back", job=delivery.job_id, lease=held)
+            delivery.queue_was_out = False
+        if held == "forgotten" and not delivery.forgotten:
+            # Nobody else will run it: finish it, so its output is complete even if the queue cannot say so.
+            self.log("forgotten", job=delivery.job_id, reason="the queue has no record of the job (Redis lost its data?); finishing it anyway")
+            delivery.forgotten = True
+        elif held == "lost" and not delivery.lease_lost.is_set():
             self.log("lease_lost", job=delivery.job_id)
             delivery.lease_lost.set()
 
@@ -178,6 +217,7 @@ def serve(config: ServeConfig, stop: threading.Event, log: Log) -> ServeSummary:
     """Take jobs from the queue and run them, one at a time, until ``stop`` is set."""
     _check_serve_options(config)
     queue = JobQueue.connect(config.queue_url)
+    _check_persistence(queue, config, log)
     sessions = SessionCache(config.max_sessions, log)
     done = failed = 0
     released: str | None = None
@@ -188,6 +228,7 @@ def serve(config: ServeConfig, stop: threading.Event, log: Log) -> ServeSummary:
             try:
                 claimed = queue.claim(config.worker_id, config.lease_seconds)
             except QueueError as error:
+                housekeeper.queue_out()
                 log("queue_error", error=str(error))
                 stop.wait(max(config.poll_seconds, 5.0))
                 continue
@@ -205,6 +246,19 @@ def serve(config: ServeConfig, stop: threading.Event, log: Log) -> ServeSummary:
             failed += outcome == "failed"
     log("stopped", worker=config.worker_id, jobs_done=done, failed_attempts=failed, released=released)
     return ServeSummary(done, failed, sessions.loads, released)
+
+
+def _check_persistence(queue: JobQueue, config: ServeConfig, log: Log) -> None:
+    problem = queue.persistence_problem()
+    if problem is not None:
+        if not config.allow_volatile_redis:
+            raise QueueError(
+                f"queue {queue.url}: {problem}, so a restart of this Redis loses every queued and running job; "
+                "set `appendonly yes` in its configuration (see the README's queue section), or pass "
+                "--allow-volatile-redis to run anyway"
+            )
+        log("volatile_redis", queue=queue.url, problem=problem, warning="a restart of this Redis loses every queued and running job")
+    queue.mark_started()
 
 
 def _check_serve_options(config: ServeConfig) -> None:
@@ -233,6 +287,11 @@ def _run_delivery(
     log("claimed", job=job_id, delivery=claimed.deliveries)
     loads_before = sessions.loads
     housekeeper.attach(delivery)
+
+    def record(operation: Callable[..., object], *args: object) -> object:
+        take_back = functools.partial(queue.renew, job_id, worker, config.lease_seconds, take_back=True)
+        return _record(log, delivery.stop, take_back, delivery.queue_was_out, operation, job_id, worker, *args)
+
     try:
         try:
             if claimed.spec is None:
@@ -243,37 +302,52 @@ def _run_delivery(
         finally:
             housekeeper.detach()  # before the outcome is recorded: no heartbeat may race it
     except _StopRequested:
-        _record(log, queue.release, job_id, worker, f"released by {worker}, which was stopping")
+        record(queue.release, f"released by {worker}, which was stopping")
         log("released", job=job_id, rows_done=delivery.rows_done)
         return "stopped"
     except _LeaseLost:
         log("abandoned", job=job_id, reason="lease lost; another delivery resumes it from the committed shards")
         return "lost"
     except JobLocked as error:
-        # Another process writes this output (a stale delivery still stopping, or a manual run): try later.
-        _record(log, queue.release, job_id, worker, str(error))
-        log("locked", job=job_id, error=str(error))
+        # Another process writes this output (a stale delivery still stopping, or a manual run): try
+        # again later, behind the other jobs, so that a long-held lock does not stall the queue.
+        delay = record(queue.back_off, str(error), config.poll_seconds, config.lease_seconds)
+        log("locked", job=job_id, error=str(error), retry_in=delay)
         return "locked"
     except KeyboardInterrupt:
         # A second signal: leave at once, but hand the job back rather than wait for the lease to expire.
-        _record(log, queue.release, job_id, worker, f"released by {worker}, which was interrupted")
+        record(queue.release, f"released by {worker}, which was interrupted")
         raise
     except Exception as error:  # any failure is the job's: recorded in the queue (a poison job must not stop the worker)
         message = str(error) if isinstance(error, WorkerError) else f"{type(error).__name__}: {error}"
-        state = _record(log, queue.fail, job_id, worker, message, config.max_attempts)
+        state = record(queue.fail, message, config.max_attempts)
         log("failed", job=job_id, state=state, error=message)
         return "failed"
     session = "none" if summary.already_complete else "loaded" if sessions.loads > loads_before else "warm"
-    record = {**summary_record(summary), "worker": worker, "session": session}
-    completed = _record(log, queue.complete, job_id, worker, record)
+    completed = record(queue.complete, {**summary_record(summary), "worker": worker, "session": session})
     log("done", job=job_id, rows=summary.rows, seconds=round(summary.seconds, 3), session=session, recorded=bool(completed))
     return "done"
 
 
-def _record(log: Log, operation: Callable[..., object], *args: object) -> object:
-    """A queue update after a job; if Redis is unreachable the lease expires and the job is re-delivered."""
-    try:
-        return operation(*args)
-    except QueueError as error:
-        log("queue_error", error=str(error))
-        return None
+RECORD_RETRY_SECONDS = 2.0
+
+
+def _record(
+    log: Log, stop: threading.Event, take_back: Callable[[], object], queue_was_out: bool, operation: Callable[..., object], *args: object
+) -> object:
+    """A queue update after a job, retried while the queue is out, until it answers or ``stop`` is set.
+
+    The outage is not the job's failure: once the queue answers, the lease that lapsed meanwhile is
+    taken back (if nobody else took the job) and the outcome recorded. When stopping, one try only:
+    the lease then expires and the job is re-delivered.
+    """
+    while True:
+        try:
+            if queue_was_out:
+                take_back()
+            return operation(*args)
+        except QueueError as error:
+            log("queue_error", error=str(error))
+            queue_was_out = True
+            if stop.wait(RECORD_RETRY_SECONDS) or stop.is_set():
+                return None

@@ -40,8 +40,8 @@ WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly j
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port; its URL without the database number."""
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, with an append-only file; its URL without the database number."""
     server = shutil.which("redis-server")
     try:
         import redis
@@ -56,7 +56,7 @@ def redis_server() -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", str(tmp_path_factory.mktemp("redis"))],
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
