@@ -65,12 +65,14 @@ def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path: Path, tiny_em
         "--model", str(tiny_embed_export.directory), "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
         "--text-column", "text", "--rows-per-shard", "100", "--batch-size", "4", "--log-format", "json",
     ]  # fmt: skip
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as stderr:
+        driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     processes: dict[int, tuple[str, bytes]] = {}
     try:
         deadline = time.monotonic() + 180
         while not any(name.startswith(b"ray::DashboardAgent") for _, name in processes.values()):
-            assert driver.poll() is None, "the driver ended before its Ray runtime was up"
+            assert driver.poll() is None, f"the driver ended before its Ray runtime was up:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "timed out waiting for the driver's Ray runtime"
             time.sleep(0.2)
             processes = process_tree(driver.pid)
