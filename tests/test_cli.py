@@ -80,17 +80,20 @@ def test_run_writes_the_tasks_columns_with_pytorch_values(tmp_path: Path, reques
     assert "5 rows" in result.stdout
 
     table = pq.read_table(output)
-    assert table.column_names == ["doc_id", "year", *result_columns]
+    # num_tokens and truncated (every task) sit between the passed-through columns and the results.
+    assert table.column_names == ["doc_id", "year", "num_tokens", "truncated", *result_columns]
+    assert table.schema.field("num_tokens").type == pa.int32() and table.schema.field("truncated").type == pa.bool_()
     assert table.column("doc_id").to_pylist() == [f"d{i}" for i in range(len(TEXTS))]
     assert table.column("year").type == pa.int16()
     rows = table.to_pylist()
     max_length = export.manifest.max_length
     for text, row in zip(TEXTS, rows):
         if text is None:
-            assert all(row[column] is None for column in result_columns[:-1])
+            assert all(row[column] is None for column in [*result_columns[:-1], "num_tokens", "truncated"])
             assert "null text" in row["error"]
             continue
         assert row["error"] is None
+        assert (row["num_tokens"], row["truncated"]) == (reference.token_count(text), False)
         if task == "embed":
             np.testing.assert_allclose(row["embedding"], reference.embed(text, max_length=max_length), atol=1e-4)
         elif task == "classify":

@@ -23,6 +23,18 @@ class PaddedBatch:
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
+    # The tokens mean pooling averages, for exports with a ``pooling_mask`` input (the
+    # attention mask less the prompt's tokens); ``None``: the attention mask.
+    pooling_mask: np.ndarray | None = None
+
+
+def with_pooling_skip(batch: PaddedBatch, skip: int | None) -> PaddedBatch:
+    """The batch with a pooling mask that leaves each row's first ``skip`` positions out (``None``: none)."""
+    if skip is None:
+        return batch
+    pooling_mask = batch.attention_mask.copy()
+    pooling_mask[:, :skip] = 0
+    return PaddedBatch(batch.rows, batch.input_ids, batch.attention_mask, batch.token_type_ids, pooling_mask)
 
 
 def plan_batches(

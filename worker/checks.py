@@ -11,18 +11,28 @@ from pathlib import Path
 
 from worker.config import RunConfig
 from worker.decode import result_schema
+from worker.embedding_format import EmbeddingFormat, plan_embedding_format
 from worker.errors import InputError, InputSchemaError, UsageError
+from worker.output_rows import added_columns
 from worker.runner import ModelDir, open_model_dir
 from worker.source import InputFile, inspect_inputs, resolve_inputs
+from worker.text_plan import TextPlan, plan_text
+from worker.tokenize import load_tokenizer
 
 
 @dataclass(frozen=True)
 class CheckedJob:
-    """What the checks found: the model directory, the effective max length, the inspected input files."""
+    """What the checks found: the model directory, the effective max length, the inspected input files.
+
+    Also the job's text plan (prompt, chunking) and embedding format (``None`` for other tasks;
+    int8/uint8 ranges are filled in by the job, see ``worker.calibration``).
+    """
 
     model_dir: ModelDir
     max_length: int
     files: list[InputFile]
+    text: TextPlan | None = None
+    embedding: EmbeddingFormat | None = None
 
 
 def check_job(config: RunConfig) -> CheckedJob:
@@ -31,7 +41,9 @@ def check_job(config: RunConfig) -> CheckedJob:
     max_length = _check_options(config, model_dir)
     files = inspect_inputs(_input_paths(config), config.text_column, config.text_pair_column, config.id_column)
     _refuse_column_clashes(config, model_dir, files)
-    return CheckedJob(model_dir, max_length, files)
+    tokenizer = load_tokenizer(model_dir.tokenizer_file, None)  # the prompt and template, never cut
+    text = plan_text(config, model_dir.manifest, tokenizer, max_length)
+    return CheckedJob(model_dir, max_length, files, text, plan_embedding_format(config, model_dir.manifest))
 
 
 def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
@@ -51,6 +63,7 @@ def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
             raise UsageError(f"--top-k applies to fill-mask models; {model_dir.path} is a {manifest.task} model")
         if not 1 <= config.top_k <= (manifest.top_k or 0):
             raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
+    plan_embedding_format(config, manifest)  # its usage errors before the inputs are read
     if config.engine == "ray":
         _check_ray_options(config)
     elif config.ray_address is not None or config.gpus_per_worker is not None:
@@ -83,7 +96,7 @@ def _input_paths(config: RunConfig) -> list[Path]:
 
 def _refuse_column_clashes(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> None:
     # Passed-through columns are never silently replaced by result columns.
-    results = {field.name for field in result_schema(model_dir.manifest)}
+    results = {field.name for field in result_schema(model_dir.manifest)} | set(added_columns(config.chunking))
     for input_file in files:
         kept = set(input_file.columns) - (set() if config.keep_text else {config.text_column})
         clash = sorted(kept & results)

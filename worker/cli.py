@@ -180,6 +180,14 @@ def _run_config(
     num_workers: Annotated[int, typer.Option(help="ray: inference workers (actors), each with its own onnxruntime session.")] = 2,
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="ray: GPUs per worker, 0 for CPU workers (default: 1 when the cluster has GPUs).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="ray: the cluster to join (auto, HOST:PORT or ray://HOST:PORT; default: start a local Ray).")] = None,
+    chunking: Annotated[Literal["off", "mean", "rows"], typer.Option(help="embed: texts longer than the model's length: off truncates; mean averages the chunks' embeddings (weighted by tokens); rows writes one row per chunk.")] = "off",
+    chunk_overlap: Annotated[int, typer.Option(help="embed --chunking: tokens shared by consecutive chunks (smaller than a chunk).")] = 32,
+    prompt: Annotated[Optional[str], typer.Option(help="embed: text prepended to every text (e.g. 'query: ').")] = None,
+    prompt_name: Annotated[Optional[str], typer.Option(help="embed: a prompt of the model's sentence-transformers config (default: its default_prompt_name).")] = None,
+    dimensions: Annotated[Optional[int], typer.Option(help="embed: keep the first N dimensions (Matryoshka), renormalised when the export normalises.")] = None,
+    embedding_dtype: Annotated[Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"], typer.Option(help="embed: how embeddings are stored (as sentence-transformers' quantize_embeddings).")] = "float32",
+    calibration_rows: Annotated[int, typer.Option(help="embed int8/uint8: ranges from the job's first N rows.")] = 1000,
+    calibration: Annotated[Optional[Path], typer.Option(help="embed int8/uint8: ranges from this Parquet's 'embedding' column instead.")] = None,
 ) -> RunConfig:
     """The job options ``run`` and ``submit`` share, as the one RunConfig (defined once, so they cannot drift)."""
     from worker.default_model import ensure_default_model
@@ -205,6 +213,14 @@ def _run_config(
         num_workers=num_workers,
         gpus_per_worker=gpus_per_worker,
         ray_address=ray_address,
+        chunking=chunking,
+        chunk_overlap=chunk_overlap,
+        prompt=prompt,
+        prompt_name=prompt_name,
+        dimensions=dimensions,
+        embedding_dtype=embedding_dtype,
+        calibration_rows=calibration_rows,
+        calibration=calibration,
     )
 
 

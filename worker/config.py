@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, Optional, get_type_hints
 
 Device = Literal["auto", "cuda", "cpu"]
 Engine = Literal["local", "ray"]
+# off: truncate at max_length; mean: one embedding per row from its chunks; rows: one output row per chunk.
+Chunking = Literal["off", "mean", "rows"]
+# How embeddings are stored (worker/quantization.py).
+EmbeddingDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,13 @@ class RunConfig:
     ``gpus_per_worker`` GPUs (``None``: one GPU when the cluster has GPUs and
     ``device`` is not ``cpu``, else CPU actors), joining ``ray_address`` or
     starting a local Ray runtime when it is ``None``.
+
+    Long texts and embedding outputs (embed models; all part of the job's identity):
+    ``chunking`` cuts texts into model-sized chunks instead of truncating them,
+    ``chunk_overlap`` tokens shared by consecutive chunks; ``prompt`` (or the manifest's
+    ``prompt_name``) is prepended to every text; ``dimensions`` keeps the first N
+    (Matryoshka); ``embedding_dtype`` stores embeddings in a lower precision, int8/uint8
+    with ranges from the first ``calibration_rows`` rows or the ``calibration`` Parquet.
     """
 
     model_dir: Path
@@ -47,6 +58,14 @@ class RunConfig:
     num_workers: int = 2
     gpus_per_worker: float | None = None
     ray_address: str | None = None
+    chunking: Chunking = "off"
+    chunk_overlap: int = 32
+    prompt: str | None = None
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    embedding_dtype: EmbeddingDtype = "float32"
+    calibration_rows: int = 1000
+    calibration: Path | None = None
 
 
 # Fields older versions wrote into queued specs, which no longer mean anything: ignored on reading.
@@ -66,10 +85,15 @@ def config_from_spec(spec: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)} (a spec from a newer bertbatch?)")
     try:
-        values: dict[str, Any] = {name: Path(value) if hints[name] is Path else value for name, value in spec.items()}
+        values: dict[str, Any] = {
+            name: Path(value) if hints[name] in _PATH_TYPES and value is not None else value for name, value in spec.items()
+        }
         return RunConfig(**values)
     except TypeError as error:  # a required field is missing
         raise ValueError(str(error)) from error
+
+
+_PATH_TYPES = (Path, Optional[Path])
 
 
 def _json_value(value: object) -> object:

@@ -28,6 +28,7 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         model_dir=config.model_dir.expanduser().absolute(),
         input=str(Path(config.input).expanduser().absolute()),
         output=config.output.expanduser().absolute(),
+        calibration=None if config.calibration is None else config.calibration.expanduser().absolute(),
     )
 
 
@@ -38,6 +39,8 @@ def check_confined(config: RunConfig, roots: Sequence[Path]) -> None:
     resolved_roots = [root.expanduser().resolve() for root in roots]
     _check_path("--model", config.model_dir, resolved_roots)
     _check_path("--output", config.output, resolved_roots)
+    if config.calibration is not None:
+        _check_path("--calibration", config.calibration, resolved_roots)
     # The pattern's fixed part first, so nothing outside the roots is even listed.
     _check_path("--input", _pattern_base(config.input), resolved_roots)
     for path in resolve_inputs(config.input):

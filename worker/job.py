@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.calibration import with_quantization_ranges
 from worker.checks import check_job
 from worker.config import RunConfig
 from worker.errors import OutputError, TooManyErrors
@@ -83,10 +84,12 @@ def run_job(
     except OSError as error:
         raise OutputError(f"{config.output}: cannot create the output directory: {error}") from error
     with OutputLock(config.output):
-        state = open_job(config.output, job_identity(config, job.model_dir, job.files), config.overwrite)
+        prompt = job.text.prompt if job.text is not None else None
+        state = open_job(config.output, job_identity(config, job.model_dir, job.files, prompt), config.overwrite)
         pending = [shard for shard in shards if shard.name not in state.completed]
         if state.success_file.is_file() and not pending and not state.clear_first:
             return JobSummary(config.output, 0, 0, 0, 0, time.perf_counter() - started, "none", 0, len(shards), True)
+        job = with_quantization_ranges(config, job, shards, state, make_runner)
         engine: Engine
         if config.engine == "ray":
             from worker.ray_engine import compute_on_ray
@@ -126,7 +129,7 @@ def _write_shards(
             writer.write(window.table)
             _count(counters, window)
             if progress:
-                progress(window.table.num_rows)
+                progress(window.rows_read)
             if config.max_errors is not None and counters.error_rows > config.max_errors:
                 raise TooManyErrors(
                     f"{counters.error_rows} rows failed, more than --max-errors {config.max_errors}; "
@@ -143,7 +146,7 @@ def _write_shards(
 
 
 def _count(counters: _Counters, window: ComputedWindow) -> None:
-    counters.rows += window.table.num_rows
+    counters.rows += window.rows_read
     counters.error_rows += window.error_rows
     counters.truncated_rows += window.truncated_rows
     counters.tokens += window.tokens

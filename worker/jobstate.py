@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from worker.atomic import TEMP_MARK, remove_stale_temporaries, write_text_atomic
 from worker.config import RunConfig
-from worker.errors import JobLocked, OutputConflict, OutputError
+from worker.errors import InputError, JobLocked, OutputConflict, OutputError
 from worker.runner import ModelDir
 from worker.source import InputFile
 
@@ -35,8 +35,13 @@ def model_fingerprint(model_dir: ModelDir) -> str:
     return digest.hexdigest()
 
 
-def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> dict[str, Any]:
-    """What makes two runs the same job: everything that changes the output rows."""
+def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile], prompt: str | None = None) -> dict[str, Any]:
+    """What makes two runs the same job: everything that changes the output rows.
+
+    ``prompt`` is the prompt the job prepends, however it was named (``--prompt``,
+    ``--prompt-name`` or the model's default).
+    """
+    scalar = config.embedding_dtype in ("int8", "uint8")
     return {
         "model_fingerprint": model_fingerprint(model_dir),
         "task": model_dir.manifest.task,
@@ -48,7 +53,22 @@ def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile])
         "keep_text": config.keep_text,
         "rows_per_shard": config.rows_per_shard,
         "inputs": [{"path": str(f.path.resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files],
+        "chunking": config.chunking,
+        "chunk_overlap": config.chunk_overlap if config.chunking != "off" else None,
+        "prompt": prompt,
+        "dimensions": config.dimensions,
+        "embedding_dtype": config.embedding_dtype,
+        "calibration_rows": config.calibration_rows if scalar and config.calibration is None else None,
+        "calibration": _file_identity(config.calibration) if scalar and config.calibration is not None else None,
     }
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    try:
+        status = path.stat()
+    except OSError as error:
+        raise InputError(f"--calibration {path}: cannot read it: {error}") from error
+    return {"path": str(path.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
 
 
 @dataclass
@@ -57,10 +77,14 @@ class JobState:
     identity: dict[str, Any]
     completed: dict[str, int] = field(default_factory=dict)  # shard name -> rows
     clear_first: bool = False  # --overwrite of a different job: cleared by ``begin``
+    # int8/uint8 embedding ranges ((mins), (maxs)), decided when the job first ran: a resumed job reuses them.
+    ranges: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def save(self) -> None:
         target = self.output / JOB_FILE
-        record = {"version": 1, "identity": self.identity, "completed": self.completed, "output": str(self.output)}
+        record: dict[str, Any] = {"version": 1, "identity": self.identity, "completed": self.completed, "output": str(self.output)}
+        if self.ranges is not None:
+            record["embedding_ranges"] = [list(self.ranges[0]), list(self.ranges[1])]
         try:
             write_text_atomic(target, json.dumps(record, indent=1, sort_keys=True))
         except OSError as error:
@@ -123,7 +147,9 @@ def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobStat
             previous = {}
         if previous.get("identity") == identity:
             completed = {name: rows for name, rows in previous.get("completed", {}).items() if (output / name).is_file()}
-            return JobState(output, identity, completed)
+            stored = previous.get("embedding_ranges")
+            ranges = (tuple(stored[0]), tuple(stored[1])) if stored else None
+            return JobState(output, identity, completed, ranges=ranges)
         if not overwrite:
             changed = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
             raise OutputConflict(

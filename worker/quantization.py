@@ -8,12 +8,11 @@ same ranges. Pure functions, no I/O.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import pyarrow as pa
 
-EmbeddingDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+from worker.config import EmbeddingDtype
+
 EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 SCALAR_DTYPES: tuple[EmbeddingDtype, ...] = ("int8", "uint8")
 

@@ -73,7 +73,7 @@ def compute_on_ray(config: RunConfig, job: CheckedJob, shards: list[Shard]) -> I
     """
     with _ray_runtime(config):
         workers = plan_workers(config)
-        plan = plan_windows(config, job.model_dir.manifest, job.max_length, on_gpu=workers.gpus > 0)
+        plan = plan_windows(config, job.model_dir.manifest, job.max_length, workers.gpus > 0, job.text, job.embedding)
         dataset = _build_dataset(config, plan, job, shards, workers)
         provider = f"{workers.provider} on {config.num_workers} Ray workers"
         windows = _in_order(dataset, shards)
@@ -216,14 +216,14 @@ def _worker_error_in(error: BaseException) -> WorkerError | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(path: Path, max_length: int) -> Any:
+def _tokenizer(path: Path, max_length: int | None) -> Any:
     # Ray reuses worker processes: load a tokenizer once per process, not once per shard.
     return load_tokenizer(path, max_length)
 
 
 def _prepare_shards(batch: pa.Table, *, plan: WindowPlan, files: list[InputFile], shards: list[Shard], tokenizer_file: Path) -> Iterator[pa.Table]:
     """Stage 1 (a Ray task per shard): read a shard's windows, tokenize and pad them."""
-    tokenizer = _tokenizer(tokenizer_file, plan.max_length)
+    tokenizer = _tokenizer(tokenizer_file, plan.tokenizer_max_length)
     for position in batch.column("id").to_pylist():
         shard = shards[position]
         for window in prepare_shard(plan, tokenizer, files[shard.file_index], shard):

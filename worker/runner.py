@@ -14,7 +14,8 @@ from worker.modeldir.manifest import MANIFEST_NAME, Manifest, read_manifest
 from worker.modeldir.session import CUDA, FATAL_ONLY, create_session, cuda_unavailable_reason, provider_of
 
 # What a PaddedBatch holds; a graph takes all of them or input_ids and attention_mask only.
-BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# pooling_mask: exports whose pooling leaves the prompt out (sentence-transformers' include_prompt=False).
+BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pooling_mask")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class Runner:
 
     def run(self, batch: PaddedBatch) -> dict[str, np.ndarray]:
         feeds = {name: getattr(batch, name) for name in self.input_names}
+        if feeds.get("pooling_mask", 0) is None:  # no prompt to leave out: pool every token
+            feeds["pooling_mask"] = batch.attention_mask
         binding = self.session.io_binding()
         for name, array in feeds.items():
             if self._on_cuda:

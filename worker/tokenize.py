@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from worker.chunking import ChunkedWindow
 from worker.errors import ModelDirError
 
 
 @dataclass(frozen=True)
 class TokenizedRows:
-    """Token ids of a window's rows, as the tokenizer gives them. Null texts are tokenized as empty and flagged.
+    """Token ids of a window's units (its rows, or its rows' chunks). Null texts are tokenized as empty and flagged.
 
     ``type_ids`` is ``None`` for single-segment rows, whose segment ids are all 0
     (not copied out of the tokenizer: that costs as much as padding the batch).
@@ -24,20 +25,30 @@ class TokenizedRows:
     type_ids: list[list[int]] | None
     truncated: np.ndarray  # bool per row
     null: np.ndarray  # bool per row
+    # (#15 may cut over-long texts before tokenizing: such a row must be flagged ``truncated``
+    # here too, as the ``truncated`` output column promises; chunking never cuts.)
+    # With --chunking the units are chunks, and ``chunks`` maps them to the window's rows.
+    chunks: ChunkedWindow | None = None
 
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(ids) for ids in self.token_ids), dtype=np.int64, count=len(self.token_ids))
 
 
-def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
-    """Load ``tokenizer.json`` with truncation at ``max_length`` and no padding (batching pads)."""
+def load_tokenizer(path: Path, max_length: int | None) -> Tokenizer:
+    """Load ``tokenizer.json`` with truncation at ``max_length`` and no padding (batching pads).
+
+    ``max_length=None``: no truncation (``--chunking`` cuts texts into chunks itself).
+    """
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception for bad files
         raise ModelDirError(f"{path}: cannot load tokenizer: {error}") from error
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length)
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length)
     return tokenizer
 
 

@@ -16,14 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from worker.batching import PaddedBatch, iter_padded_batches
-from worker.config import BATCH_LIMITS, PAD_MULTIPLE, RunConfig
+from worker.batching import PaddedBatch, iter_padded_batches, with_pooling_skip
+from worker.config import BATCH_LIMITS, PAD_MULTIPLE, Chunking, RunConfig
 from worker.decode import WindowResults
+from worker.embedding_format import EmbeddingFormat
 from worker.errors import InferenceBroken
 from worker.modeldir.manifest import Manifest
+from worker.output_rows import assemble_table
 from worker.runner import Runner
 from worker.source import InputFile, Shard, column_texts, read_shard
-from worker.tokenize import TokenizedRows, tokenize_window
+from worker.text_plan import TextPlan, tokenize_units
+from worker.tokenize import TokenizedRows
 
 INFERENCE_FAILED = "inference failed: "
 SYSTEMIC_FAILURE_ROWS = 8  # a window where at least this many rows, and none other, failed
@@ -47,14 +50,38 @@ class WindowPlan:
     pad_multiple: int
     pad_id: int
     top_k: int | None
+    # Long texts and embedding outputs (#12): the prompt, truncation or chunking; the embedding
+    # column's dimensions and precision, int8/uint8 ranges included (decided once per job).
+    text: TextPlan | None = None
+    embedding: EmbeddingFormat | None = None
 
     @property
     def text_columns(self) -> list[str]:
         return [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
 
+    @property
+    def chunking(self) -> Chunking:
+        return self.text.chunking if self.text is not None else "off"
 
-def plan_windows(config: RunConfig, manifest: Manifest, max_length: int, on_gpu: bool) -> WindowPlan:
-    """The job's window plan; batch limits and the padding multiple not given default by device."""
+    @property
+    def tokenizer_max_length(self) -> int | None:
+        """Where the tokenizer truncates: ``max_length``, or nowhere when chunking (chunks cut texts)."""
+        return None if self.chunking != "off" else self.max_length
+
+
+def plan_windows(
+    config: RunConfig,
+    manifest: Manifest,
+    max_length: int,
+    on_gpu: bool,
+    text: TextPlan | None = None,
+    embedding: EmbeddingFormat | None = None,
+) -> WindowPlan:
+    """The job's window plan; batch limits and the padding multiple not given default by device.
+
+    ``text`` and ``embedding`` come from the job's checks (``worker.checks``), with the
+    int8/uint8 ranges filled in by the job (``worker.calibration``).
+    """
     device = "cuda" if on_gpu else "cpu"
     rows, tokens = BATCH_LIMITS[device]
     return WindowPlan(
@@ -68,6 +95,8 @@ def plan_windows(config: RunConfig, manifest: Manifest, max_length: int, on_gpu:
         pad_multiple=config.pad_multiple if config.pad_multiple is not None else PAD_MULTIPLE[device],
         pad_id=manifest.special_tokens.pad,
         top_k=config.top_k,
+        text=text,
+        embedding=embedding,
     )
 
 
@@ -78,9 +107,9 @@ class PreparedWindow:
     shard: Shard
     index: int  # the window's position in its shard
     table: pa.RecordBatch  # the input rows
-    tokens: TokenizedRows
+    tokens: TokenizedRows  # one unit per row, or per chunk of a row (``tokens.chunks``)
     batches: list[PaddedBatch]
-    unreadable: dict[int, str]  # row -> error note, for text that is not UTF-8
+    unreadable: dict[int, str]  # unit -> error note, for text that is not UTF-8
     last_of_shard: bool
 
 
@@ -91,7 +120,7 @@ class InferredWindow:
     prepared: PreparedWindow
     results: WindowResults
     errors: list[str | None]
-    null: np.ndarray  # bool per row: no result (null text, unreadable text, or a failed inference)
+    null: np.ndarray  # bool per unit: no result (null text, unreadable text, or a failed inference)
 
 
 @dataclass(frozen=True)
@@ -105,6 +134,11 @@ class ComputedWindow:
     truncated_rows: int
     tokens: int
     last_of_shard: bool
+    input_rows: int = -1  # rows read (``table`` has one per chunk with --chunking rows); -1: table.num_rows
+
+    @property
+    def rows_read(self) -> int:
+        return self.table.num_rows if self.input_rows < 0 else self.input_rows
 
 
 @dataclass(frozen=True)
@@ -134,10 +168,18 @@ def prepare_window(
     if plan.text_pair_column:
         pairs, invalid = column_texts(table.column(plan.text_pair_column))
         unreadable.update((row, f"invalid UTF-8 in column {plan.text_pair_column!r}") for row in invalid)
-    tokens = tokenize_window(tokenizer, texts, pairs)  # type: ignore[arg-type]
-    batches = list(iter_padded_batches(
-        tokens.token_ids, tokens.type_ids, plan.pad_id, plan.batch_size, plan.max_tokens, multiple_of=plan.pad_multiple
-    ))
+    tokens, chunks = tokenize_units(plan.text or TextPlan(plan.max_length), tokenizer, texts, pairs)  # type: ignore[arg-type]
+    if chunks is not None:
+        # Units are chunks: an unreadable (null) row is one unit, its first.
+        first_unit = np.searchsorted(chunks.row, np.arange(table.num_rows))
+        unreadable = {int(first_unit[row]): note for row, note in unreadable.items()}
+    skip = plan.text.pooling_skip if plan.text is not None else None
+    batches = [
+        with_pooling_skip(batch, skip)
+        for batch in iter_padded_batches(
+            tokens.token_ids, tokens.type_ids, plan.pad_id, plan.batch_size, plan.max_tokens, multiple_of=plan.pad_multiple
+        )
+    ]
     return PreparedWindow(shard, index, table, tokens, batches, unreadable, last_of_shard)
 
 
@@ -166,21 +208,32 @@ def run_window(plan: WindowPlan, model: LoadedModel, window: PreparedWindow) -> 
 
 
 def finish_window(plan: WindowPlan, window: InferredWindow) -> ComputedWindow:
-    """The window's output rows (its input columns, less the text unless ``keep_text``, then the results) and counts."""
+    """The window's output rows (see ``worker/output_rows.py`` for the columns) and counts."""
     prepared = window.prepared
+    tokens = prepared.tokens
     table = prepared.table
     if not plan.keep_text:
         table = table.drop_columns([plan.text_column])
-    for name, values in window.results.columns(window.null, prepared.tokens.token_ids, window.errors).items():
-        table = table.append_column(name, values)
+    embedding = plan.embedding
+    pooled = None
+    if embedding is not None:
+        results = window.results.embedding
+        pooled = results if results is not None else np.zeros((len(tokens.token_ids), embedding.model_dimensions), np.float32)
+    units = TokenizedRows(tokens.token_ids, tokens.type_ids, tokens.truncated, window.null, tokens.chunks)
+    output = assemble_table(
+        table, window.results.columns(window.null, tokens.token_ids, window.errors), units, tokens.chunks, plan.chunking, pooled, embedding
+    )
+    if embedding is not None and embedding.metadata():
+        output = output.replace_schema_metadata(embedding.metadata())  # the shards' key-value metadata
     return ComputedWindow(
         shard=prepared.shard,
         index=prepared.index,
-        table=pa.Table.from_batches([table]),
-        error_rows=sum(error is not None for error in window.errors),
-        truncated_rows=int(prepared.tokens.truncated.sum()),
-        tokens=int(np.sum(prepared.tokens.lengths)),
+        table=output,
+        error_rows=output.num_rows - output.column("error").null_count,
+        truncated_rows=int(tokens.truncated.sum()),
+        tokens=int(np.sum(tokens.lengths)),
         last_of_shard=prepared.last_of_shard,
+        input_rows=prepared.table.num_rows,
     )
 
 
@@ -213,4 +266,5 @@ def _run_splitting(runner: Runner, batch: PaddedBatch, results: WindowResults, e
 def _sub_batch(batch: PaddedBatch, part: slice) -> PaddedBatch:
     mask = batch.attention_mask[part]
     width = max(1, int(mask.sum(axis=1).max()))
-    return PaddedBatch(batch.rows[part], batch.input_ids[part, :width], mask[:, :width], batch.token_type_ids[part, :width])
+    pooling = None if batch.pooling_mask is None else batch.pooling_mask[part, :width]
+    return PaddedBatch(batch.rows[part], batch.input_ids[part, :width], mask[:, :width], batch.token_type_ids[part, :width], pooling)

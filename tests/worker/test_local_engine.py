@@ -106,7 +106,7 @@ def test_a_job_writes_every_shard_then_a_rerun_skips_them(config: RunConfig) -> 
     assert (summary.rows, summary.error_rows, summary.shards_written, summary.shards_skipped) == (50, 0, 3, 0)
     assert summary.tokens == sum(len(ids(text)) for text in TEXTS)
     output = pq.read_table(config.output)
-    assert output.column_names == ["id", "embedding", "error"]
+    assert output.column_names == ["id", "num_tokens", "truncated", "embedding", "error"]
     assert output.column("id").to_pylist() == list(range(50))
     assert output.column("embedding").to_pylist() == [embedding_of(ids(text)) for text in TEXTS]
     assert json.loads((config.output / SUCCESS_FILE).read_text()) == {

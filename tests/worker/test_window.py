@@ -145,20 +145,24 @@ def test_embeddings_come_back_in_row_order_with_nulls_and_counts(tokenizer: Toke
     window = prepared(tokenizer, TEXTS)
     computed = compute_window(plan(), model_for(EMBED), window)
     table = computed.table
-    assert table.column_names == ["id", "embedding", "error"]  # the text column is dropped
+    assert table.column_names == ["id", "num_tokens", "truncated", "embedding", "error"]  # the text column is dropped
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 3)
     expected = [None if text is None else embedding_of(window.tokens.token_ids[row]) for row, text in enumerate(TEXTS)]
     assert table.column("embedding").to_pylist() == expected
     assert table.column("error").to_pylist() == [None, "null text in column 'text'", None, None, None, None]
     assert (computed.error_rows, computed.truncated_rows) == (1, 1)
     assert computed.tokens == sum(len(row) for row in window.tokens.token_ids)
+    lengths = [len(row) for row in window.tokens.token_ids]
+    assert table.column("num_tokens").to_pylist() == [None if text is None else lengths[row] for row, text in enumerate(TEXTS)]
+    assert table.column("truncated").to_pylist() == [None if text is None else bool(window.tokens.truncated[row]) for row, text in enumerate(TEXTS)]
+    assert table.column("truncated").to_pylist().count(True) == 1
     assert (computed.shard, computed.index, computed.last_of_shard) == (SHARD, 0, True)
 
 
 def test_keep_text_keeps_the_text_column_before_the_results(tokenizer: Tokenizer) -> None:
     kept = plan(keep_text=True)
     table = compute_window(kept, model_for(EMBED), prepared(tokenizer, TEXTS, kept)).table
-    assert table.column_names == ["id", "text", "embedding", "error"]
+    assert table.column_names == ["id", "text", "num_tokens", "truncated", "embedding", "error"]
     assert table.column("text").to_pylist() == TEXTS
 
 
@@ -166,7 +170,7 @@ def test_token_embeddings_are_cut_to_each_rows_real_tokens(tokenizer: Tokenizer)
     model = manifest("embed", token_embeddings=True)
     window = prepared(tokenizer, TEXTS)
     table = compute_window(plan(), model_for(model), window).table
-    assert table.column_names == ["id", "embedding", "tokens", "token_embeddings", "error"]
+    assert table.column_names == ["id", "num_tokens", "truncated", "embedding", "tokens", "token_embeddings", "error"]
     assert table.column("tokens").to_pylist()[0] == ["[CLS]", "the", "quick", "brown", "fox", "[SEP]"]
     assert table.column("tokens").to_pylist()[1] is None
     for row, vectors in enumerate(table.column("token_embeddings").to_pylist()):
@@ -181,7 +185,7 @@ def test_classification_decodes_labels_scores_and_probabilities(tokenizer: Token
     model = manifest("classify")
     window = prepared(tokenizer, TEXTS)
     table = compute_window(plan(), model_for(model), window).table
-    assert table.column_names == ["id", "label", "label_id", "score", "probs", "error"]
+    assert table.column_names == ["id", "num_tokens", "truncated", "label", "label_id", "score", "probs", "error"]
     for row, text in enumerate(TEXTS):
         got = {name: table.column(name)[row].as_py() for name in ("label", "label_id", "score", "probs")}
         if text is None:

@@ -65,6 +65,13 @@ class Manifest:
     # What the optimizer did: fused operator counts, float16 or int8 details (exporter/optimize.py).
     optimization: dict[str, Any] = field(default_factory=dict)
     attention: Attention = "padded"
+    # sentence-transformers' prompts (config_sentence_transformers.json), for `run --prompt-name`;
+    # ``default_prompt_name`` applies when a run names no prompt, as in sentence-transformers.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    # Pooling's ``include_prompt``: when False the prompt's tokens are left out of mean pooling,
+    # and the graph has a ``pooling_mask`` input (the tokens to pool) next to the attention mask.
+    include_prompt: bool = True
 
     @property
     def validated(self) -> bool:
