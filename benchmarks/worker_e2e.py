@@ -26,7 +26,8 @@ from benchmarks.models import Shape
 from worker.batching import PaddedBatch
 from worker.config import Device, RunConfig
 from worker.job import run_job
-from worker.runner import CPU, CUDA, ModelDir, Runner
+from worker.modeldir.session import CPU, CUDA
+from worker.runner import ModelDir, Runner
 
 HOST_NAME = "worker host pipeline, model stubbed"
 

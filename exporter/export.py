@@ -31,6 +31,7 @@ from exporter.validation import (
     default_tolerances,
     validate_onnx,
 )
+from worker.atomic import commit_directory
 from worker.exit_codes import ExitCode
 from worker.modeldir.manifest import (
     MODEL_FILE,
@@ -209,7 +210,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         )
     if out.exists():
         shutil.rmtree(out)
-    staging.rename(out)
+    commit_directory(staging, out)
     log(f"wrote {out}")
     return ExportResult(out, manifest, report)
 

@@ -67,7 +67,8 @@ def test_padding_free_baseline_matches_transformers(tiny_embed_export: object, t
 def test_stub_runner_returns_what_the_real_session_returns(tiny_embed_export: object) -> None:
     from benchmarks.worker_e2e import StubRunner
     from worker.batching import PaddedBatch
-    from worker.runner import CPU, CUDA, Runner, open_model_dir
+    from worker.modeldir.session import CPU, CUDA
+    from worker.runner import Runner, open_model_dir
 
     model_dir = open_model_dir(tiny_embed_export.directory)  # type: ignore[attr-defined]
     batch = PaddedBatch(np.arange(3), np.full((3, 8), 2023, np.int64), np.ones((3, 8), np.int64), np.zeros((3, 8), np.int64))

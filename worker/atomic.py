@@ -1,10 +1,10 @@
 """Atomic file writes: a hidden temporary file in the same directory, fsync, rename, fsync the directory.
 
 Every file bertbatch writes for a reader to trust (result shards, the job file, ``_SUCCESS``,
-a model directory's manifest, an optimized model) goes through here, so a reader (or a
-resumed job) sees the whole old file or the whole new one, never a torn one, even after a
-power loss. A crash leaves at most a hidden ``.NAME.tmp-PID`` file, which
-``remove_stale_temporaries`` deletes.
+a model directory's manifest, an optimized model, and the exported model directory itself)
+goes through here, so a reader (or a resumed job) sees the whole old file or the whole new
+one, never a torn one, even after a power loss. A crash leaves at most a hidden
+``.NAME.tmp-PID`` file, which ``remove_stale_temporaries`` deletes.
 
 Errors are ``OSError``; the callers turn them into their package's own error.
 """
@@ -42,6 +42,18 @@ def commit(temporary: Path, final: Path) -> None:
     """Make the fully written ``temporary`` visible as ``final``: fsync it, rename it over ``final``, fsync the directory."""
     fsync_file(temporary)
     os.replace(temporary, final)
+    fsync_directory(final.parent)
+
+
+def commit_directory(staging: Path, final: Path) -> None:
+    """Make a fully written directory visible as ``final`` (which must not exist): fsync its files and itself,
+    rename it, fsync the parent. A crash leaves the staging directory or the whole ``final``, never a ``final``
+    whose files were still in the page cache."""
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fsync_file(path)
+    fsync_directory(staging)
+    staging.rename(final)
     fsync_directory(final.parent)
 
 

@@ -137,3 +137,26 @@ def test_a_full_disk_at_the_rename_is_an_output_error_with_nothing_left(tmp_path
     with pytest.raises(OutputError, match=r"part-00000-00000.parquet: write failed: \[Errno 28\] No space left on device"):
         writer.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_is_committed_with_its_files_and_itself_fsynced_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.atomic import commit_directory
+
+    staging = tmp_path / ".model.partial"
+    (staging / "nested").mkdir(parents=True)
+    (staging / "model.onnx").write_bytes(b"graph")
+    (staging / "nested" / "vocab.txt").write_text("[PAD]")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    commit_directory(staging, tmp_path / "model")
+    assert sorted(synced[:2]) == [str(staging / "model.onnx"), str(staging / "nested" / "vocab.txt")]
+    assert synced[2:] == [str(staging), str(tmp_path)]  # the directory's entries, then the rename, made durable
+    assert (tmp_path / "model" / "nested" / "vocab.txt").read_text() == "[PAD]" and not staging.exists()
