@@ -20,6 +20,7 @@ from exporter.optimize import Quantization, encoder_shape, optimize_onnx, varian
 from exporter.packing import check_packable, convert_to_packed_attention
 from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
 from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
+from exporter.validation import POOLING_MASK, prompt_pooling_mask
 from exporter.tokenizer import check_same_ids
 from exporter.validation import (
     SAMPLE_PAIRS,
@@ -139,6 +140,9 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     settings = _head_settings(config, resolved, special)
     max_length = _max_length(config, resolved, model.config, architecture)
     input_names = architecture.input_names(model.config)
+    st = resolved.sentence_transformers
+    if config.task == "embed" and st is not None and not st.include_prompt and settings.pooling == "mean":
+        input_names = (*input_names, POOLING_MASK)  # the worker leaves the prompt's tokens out of it
     spec = TASK_SPECS[config.task]
     head = spec.build_head(model, architecture, settings)
     output_names = spec.output_names(settings)
@@ -197,6 +201,9 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         optimization=optimization,
         validation=report.to_dict(),
         attention=config.attention,
+        prompts=dict(st.prompts) if st is not None and config.task == "embed" else {},
+        default_prompt_name=st.default_prompt_name if st is not None and config.task == "embed" else None,
+        include_prompt=POOLING_MASK not in input_names,
     )
     write_manifest(staging, manifest)
     for line in report.summary_lines():
@@ -257,7 +264,10 @@ def trace_to_onnx(
         second = [101, mask_id or 2117, 2028, 2003, 102]
         example = ([first, second], [[0] * len(first), [0] * 3 + [1] * 2])
     arrays = dict(zip(INPUT_NAMES, pad_rows(example[0], example[1], pad_id)))
-    inputs = tuple(torch.from_numpy(arrays[name]) for name in input_names)
+    arrays[POOLING_MASK] = prompt_pooling_mask(arrays["attention_mask"])
+    # By name: a family without token types has no third positional input for the pooling mask.
+    positional = tuple(torch.from_numpy(arrays[name]) for name in input_names if name != POOLING_MASK)
+    inputs: tuple[Any, ...] = positional + (({POOLING_MASK: torch.from_numpy(arrays[POOLING_MASK])},) if POOLING_MASK in input_names else ())
     head.eval()
     try:
         with torch.no_grad():

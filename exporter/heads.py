@@ -66,14 +66,20 @@ class EmbeddingHead(nn.Module):
         self.eval()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        pooling_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
+        # pooling_mask (exports of sentence-transformers models with include_prompt false): the
+        # tokens mean pooling averages, the attention mask less the prompt's tokens.
         output = self.encoder(
             **encoder_inputs(input_ids, attention_mask, token_type_ids), output_hidden_states=self.layers != "last"
         )
         hidden = output.last_hidden_state if self.layers == "last" else select_layers(output.hidden_states, self.layers)
         if self.pooling == "mean":
-            pooled = mean_pool(hidden, attention_mask)
+            pooled = mean_pool(hidden, attention_mask if pooling_mask is None else pooling_mask)
         elif self.pooling == "cls":
             pooled = hidden[:, 0]
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,11 @@ class SentenceTransformersSettings:
     pooling: Pooling
     normalize: bool
     max_seq_length: int | None
+    # config_sentence_transformers.json's prompts, and Pooling's include_prompt (False: the
+    # prompt's tokens are left out of mean pooling; the graph then takes a pooling_mask).
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ def _resolve_sentence_transformers(source: str, root: Path, modules_file: Path) 
     transformer_dir: Path | None = None
     pooling: Pooling = "mean"
     normalize = False
+    include_prompt = True
     for module in modules:
         kind = module["type"].rsplit(".", 1)[-1]
         module_dir = root / module.get("path", "")
@@ -82,6 +88,9 @@ def _resolve_sentence_transformers(source: str, root: Path, modules_file: Path) 
             transformer_dir = module_dir
         elif kind == "Pooling":
             pooling = _read_pooling(source, module_dir / "config.json")
+            include_prompt = bool(json.loads((module_dir / "config.json").read_text(encoding="utf-8")).get("include_prompt", True))
+            if not include_prompt and pooling != "mean":
+                raise SourceError(f"{source}: include_prompt false is supported with mean pooling only, this model pools {pooling}")
         elif kind == "Normalize":
             normalize = True
         else:
@@ -96,10 +105,19 @@ def _resolve_sentence_transformers(source: str, root: Path, modules_file: Path) 
         settings_file = transformer_dir / name
         if settings_file.is_file():
             max_seq_length = json.loads(settings_file.read_text(encoding="utf-8")).get("max_seq_length")
+    prompts: dict[str, str] = {}
+    default_prompt_name = None
+    st_config = root / "config_sentence_transformers.json"
+    if st_config.is_file():
+        declared = json.loads(st_config.read_text(encoding="utf-8"))
+        prompts = {str(name): str(text) for name, text in (declared.get("prompts") or {}).items()}
+        default_prompt_name = declared.get("default_prompt_name")
     return ResolvedSource(
         given=source,
         transformer_dir=transformer_dir,
-        sentence_transformers=SentenceTransformersSettings(pooling, normalize, max_seq_length),
+        sentence_transformers=SentenceTransformersSettings(
+            pooling, normalize, max_seq_length, prompts, default_prompt_name, include_prompt
+        ),
     )
 
 

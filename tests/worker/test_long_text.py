@@ -353,3 +353,73 @@ def test_chunking_usage_errors(tmp_path: Path, minilm_export: ExportResult, sent
     assert both.exit_code == ExitCode.USAGE_ERROR
     unknown = run(minilm_export.directory, sentences, tmp_path / "d", "--prompt-name", "query")
     assert unknown.exit_code == ExitCode.USAGE_ERROR and "the model's prompts are none" in unknown.stderr
+
+
+# Prompts from the sentence-transformers config, include_prompt false ------------------------------
+
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
+@pytest.fixture(scope="module")
+def prompted_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged MiniLM with prompts, a default prompt and Pooling(include_prompt=False), as e5/bge-style models ship."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("prompted") / "minilm"
+    shutil.copytree(minilm_dir(), directory)
+    config = json.loads((directory / "config_sentence_transformers.json").read_text())
+    (directory / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": PROMPTS, "default_prompt_name": "query"}))
+    pooling = json.loads((directory / "1_Pooling" / "config.json").read_text())
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": False}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def prompted_export(tmp_path_factory: pytest.TempPathFactory, prompted_model_dir: Path) -> ExportResult:
+    from exporter.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("prompted-export") / "model"
+    return export_model(ExportConfig(source=str(prompted_model_dir), task="embed", out=out), log=lambda line: None)
+
+
+def test_prompts_and_include_prompt_are_exported(prompted_export: ExportResult) -> None:
+    manifest = prompted_export.manifest
+    assert (manifest.prompts, manifest.default_prompt_name, manifest.include_prompt) == (PROMPTS, "query", False)
+    assert manifest.inputs[-1] == "pooling_mask" and manifest.validated
+
+
+@pytest.mark.parametrize("name", ["query", "passage", None])
+def test_prompt_name_and_the_default_prompt_pool_as_sentence_transformers(
+    tmp_path: Path, prompted_export: ExportResult, prompted_model_dir: Path, sentences: Path, name: str | None
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(prompted_model_dir), device="cpu")
+    assert reference.default_prompt_name == "query" and not reference[1].include_prompt
+    extra: list[object] = ["--prompt-name", name] if name else []
+    result = run(prompted_export.directory, sentences, tmp_path / "out", *extra)
+    assert result.exit_code == 0, result.output
+    got = vectors(pq.read_table(tmp_path / "out"))
+    expected = reference.encode(SENTENCES, prompt_name=name)  # None: the default prompt, as sentence-transformers does
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    # The prompt's tokens are really left out: pooling them in gives other numbers.
+    reference[1].include_prompt = True
+    assert np.abs(got - reference.encode(SENTENCES, prompt_name=name)).max() > 1e-3
+
+
+def test_include_prompt_false_with_chunking_leaves_the_prompt_out_of_every_chunk(
+    tmp_path: Path, prompted_export: ExportResult, prompted_model_dir: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(prompted_model_dir), device="cpu")
+    reference.max_seq_length = MAX_LENGTH
+    texts = [text_of_tokens(10, seed=5), text_of_tokens(40, seed=6)]
+    source = write_texts(tmp_path / "in.parquet", list(texts))
+    result = run(prompted_export.directory, source, tmp_path / "out", "--max-length", MAX_LENGTH, "--chunking", "rows", "--chunk-overlap", 0)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "out")
+    rows = table.to_pylist()
+    # Each chunk as a text of its own (its words: one token each), prompted and pooled by sentence-transformers.
+    chunk_texts = [texts[row["id"]][row["chunk_start"] : row["chunk_end"]] for row in rows]
+    np.testing.assert_allclose(vectors(table), reference.encode(chunk_texts), atol=2e-5)
