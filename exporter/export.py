@@ -19,7 +19,7 @@ from exporter.errors import DeviceRequired, ExportError, OptimizationError, Vali
 from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
 from exporter.packing import check_packable, convert_to_packed_attention
 from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
-from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, dynamic_axes
+from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, TaskSpec, dynamic_axes, recorded_settings
 from exporter.validation import POOLING_MASK, prompt_pooling_mask
 from exporter.tokenizer import check_same_ids
 from exporter.validation import (
@@ -76,9 +76,9 @@ class ExportConfig:
     out: Path
     pooling: Pooling | None = None
     normalize: bool | None = None
-    layers: Layers = "last"
+    layers: Layers = HeadSettings.layers
     token_embeddings: bool = False
-    top_k: int = 5
+    top_k: int = HeadSettings.top_k
     max_length: int | None = None
     opset: int = DEFAULT_OPSET
     tolerances: Tolerances | None = None
@@ -102,7 +102,7 @@ class ExportConfig:
 
     @property
     def validation_device(self) -> ValidationDevice:
-        return "cuda" if self.packed else "cpu"
+        return validation_device_for(self.attention)
 
     @property
     def validation_tolerances(self) -> Tolerances:
@@ -120,6 +120,55 @@ class OutputExists(ExportError):
     exit_code = ExitCode.OUTPUT_CONFLICT
 
 
+@dataclass(frozen=True)
+class LoadedHead:
+    """A checkpoint loaded for one task, with the head the graph bakes in: where export and revalidate start."""
+
+    spec: TaskSpec
+    model: Any
+    architecture: ArchitectureSpec
+    tokenizer: Tokenizer
+    special: SpecialTokens
+    settings: HeadSettings
+    head: nn.Module
+
+
+def load_head(
+    resolved: ResolvedSource, task: Task, settings_for: Callable[[ResolvedSource, SpecialTokens], HeadSettings]
+) -> LoadedHead:
+    """Load a checkpoint for ``task`` and build its head with the settings ``settings_for`` chooses."""
+    model, architecture = load_model(resolved, task)
+    tokenizer = load_tokenizer(resolved)
+    special = special_tokens(tokenizer, resolved)
+    settings = settings_for(resolved, special)
+    spec = TASK_SPECS[task]
+    head = spec.build_head(model, architecture, settings)
+    return LoadedHead(spec, model, architecture, tokenizer, special, settings, head)
+
+
+def check_against_pytorch(
+    loaded: LoadedHead,
+    onnx_path: Path,
+    output_names: tuple[str, ...],
+    max_length: int,
+    special: SpecialTokens,
+    tolerances: Tolerances,
+    device: ValidationDevice,
+    log: Callable[[str], None],
+) -> ValidationReport:
+    """Run the validation cases through the head and the ONNX graph, log the report and return it."""
+    cases = build_cases(loaded.tokenizer, loaded.spec.task, max_length, special.mask, special.pad)
+    report = validate_onnx(loaded.head, onnx_path, loaded.spec.task, output_names, cases, tolerances, device)
+    for line in report.summary_lines():
+        log(line)
+    return report
+
+
+def validation_device_for(attention: Attention) -> ValidationDevice:
+    """Where a model is validated unless told otherwise: where it runs (packed attention runs on CUDA only)."""
+    return "cuda" if attention == "packed" else "cpu"
+
+
 def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
     """Load, export, validate and write the model directory; raise ``ValidationMismatch`` on differences."""
     out = config.out
@@ -132,19 +181,16 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
                       "export on the GPU machine")
     resolved = resolve_source(config.source)
     log(f"loading {config.source} for task {config.task}")
-    model, architecture = load_model(resolved, config.task)
-    tokenizer = load_tokenizer(resolved)
+    loaded = load_head(resolved, config.task, lambda resolved, special: _head_settings(config, resolved, special))
+    model, architecture, tokenizer = loaded.model, loaded.architecture, loaded.tokenizer
+    special, settings, spec = loaded.special, loaded.settings, loaded.spec
     checked = check_same_ids(tokenizer, resolved.transformer_dir, config.source, SAMPLE_TEXTS, SAMPLE_PAIRS)
     log(f"tokenizer.json gives the checkpoint's own tokenizer's ids on {checked} validation texts and pairs")
-    special = special_tokens(tokenizer, resolved)
-    settings = _head_settings(config, resolved, special)
     max_length = _max_length(config, resolved, model.config, architecture)
     input_names = architecture.input_names(model.config)
     st = resolved.sentence_transformers
     if config.task == "embed" and st is not None and not st.include_prompt and settings.pooling == "mean":
         input_names = (*input_names, POOLING_MASK)  # the worker leaves the prompt's tokens out of it
-    spec = TASK_SPECS[config.task]
-    head = spec.build_head(model, architecture, settings)
     output_names = spec.output_names(settings)
 
     staging = out.parent / f".{out.name}.partial"
@@ -152,8 +198,8 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     staging.mkdir(parents=True)
     log(f"exporting to ONNX (opset {config.opset}, dynamic batch and sequence axes)")
     trace_to_onnx(
-        head, settings, spec.task, staging / MODEL_FILE, output_names, config.opset, special.pad,
-        input_names=input_names, example=example_rows(tokenizer, settings.mask_token_id if config.task == "fill-mask" else None),
+        loaded.head, settings, spec.task, staging / MODEL_FILE, output_names, config.opset, special.pad,
+        input_names=input_names, example=example_rows(tokenizer, settings.mask_token_id if spec.masked_inputs else None),
     )
     tokenizer.save(str(staging / TOKENIZER_FILE))
     for name in _TOKENIZER_COMPANIONS:
@@ -163,7 +209,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
     if config.fused:
         try:
             shape = replace(
-                encoder_shape(model.config, settings.layers if config.task == "embed" else "last"),
+                encoder_shape(model.config, spec.encoder_layers(settings)),
                 model_type=architecture.model_type,
                 unfused_attention=architecture.not_fusable,
             )
@@ -177,9 +223,8 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
 
     tolerances = config.validation_tolerances
     log(f"validating against PyTorch ({precision}: {tolerances.describe()})")
-    cases = build_cases(tokenizer, config.task, max_length, special.mask, special.pad)
-    report = validate_onnx(
-        head, staging / MODEL_FILE, config.task, output_names, cases, tolerances, config.validation_device
+    report = check_against_pytorch(
+        loaded, staging / MODEL_FILE, output_names, max_length, special, tolerances, config.validation_device, log
     )
     manifest = Manifest(
         task=config.task,
@@ -189,13 +234,6 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         inputs=input_names,
         outputs=output_names,
         opset=config.opset,
-        pooling=settings.pooling if config.task == "embed" else None,
-        normalize=settings.normalize if config.task == "embed" else False,
-        layers=settings.layers if config.task == "embed" else None,
-        token_embeddings=settings.token_embeddings if config.task == "embed" else False,
-        embedding_dim=_embedding_dim(model.config, settings) if config.task == "embed" else None,
-        top_k=settings.top_k if config.task == "fill-mask" else None,
-        id2label=_id2label(model.config) if config.task == "classify" else None,
         precision=precision,
         optimized=config.fused,
         optimization=optimization,
@@ -204,10 +242,9 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         prompts=dict(st.prompts) if st is not None and config.task == "embed" else {},
         default_prompt_name=st.default_prompt_name if st is not None and config.task == "embed" else None,
         include_prompt=POOLING_MASK not in input_names,
+        **spec.manifest_fields(settings, model.config),
     )
     write_manifest(staging, manifest)
-    for line in report.summary_lines():
-        log(line)
     if not report.passed:
         failed = _keep_failed(staging, out)
         raise ValidationMismatch(
@@ -259,7 +296,7 @@ def trace_to_onnx(
     import torch
 
     if example is None:
-        mask_id = settings.mask_token_id if task == "fill-mask" else None
+        mask_id = settings.mask_token_id if TASK_SPECS[task].masked_inputs else None
         first = [101, 2023, 2003, mask_id or 1037, 3231, 1997, 1996, mask_id or 4654, 102]
         second = [101, mask_id or 2117, 2028, 2003, 102]
         example = ([first, second], [[0] * len(first), [0] * 3 + [1] * 2])
@@ -324,8 +361,8 @@ def special_tokens(tokenizer: Tokenizer, resolved: ResolvedSource) -> SpecialTok
 def _head_settings(config: ExportConfig, resolved: ResolvedSource, special: SpecialTokens) -> HeadSettings:
     st = resolved.sentence_transformers
     return HeadSettings(
-        pooling=config.pooling or (st.pooling if st else "mean"),
-        normalize=config.normalize if config.normalize is not None else (st.normalize if st else False),
+        pooling=config.pooling or (st.pooling if st else HeadSettings.pooling),
+        normalize=config.normalize if config.normalize is not None else (st.normalize if st else HeadSettings.normalize),
         layers=config.layers,
         token_embeddings=config.token_embeddings,
         top_k=config.top_k,
@@ -344,15 +381,6 @@ def _max_length(config: ExportConfig, resolved: ResolvedSource, model_config: An
             f"({architecture.model_type}, max_position_embeddings {model_config.max_position_embeddings})"
         )
     return min(config.max_length or declared, positions)
-
-
-def _embedding_dim(model_config: Any, settings: HeadSettings) -> int:
-    hidden = int(model_config.hidden_size)
-    return hidden * 4 if settings.layers == "concat-last-four" else hidden
-
-
-def _id2label(model_config: Any) -> dict[int, str]:
-    return {int(k): str(v) for k, v in model_config.id2label.items()}
 
 
 def _recorded_source(source: str) -> str:
@@ -376,28 +404,23 @@ def revalidate(
         manifest = read_manifest(directory)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ExportError(f"{directory}: not a bertbatch model directory: {error}") from error
-    resolved = resolve_source(manifest.source)
-    model, architecture = load_model(resolved, manifest.task)
-    tokenizer = load_tokenizer(resolved)
-    settings = HeadSettings(
-        pooling=manifest.pooling or "mean",
-        normalize=manifest.normalize,
-        layers=manifest.layers or "last",
-        token_embeddings=manifest.token_embeddings,
-        top_k=manifest.top_k or 5,
-        mask_token_id=manifest.special_tokens.mask,
-    )
-    head = TASK_SPECS[manifest.task].build_head(model, architecture, settings)
-    chosen = replace(tolerances or Tolerances(**manifest.validation.get("tolerances", {})), **(overrides or {}))
-    cases = build_cases(tokenizer, manifest.task, manifest.max_length, manifest.special_tokens.mask, manifest.special_tokens.pad)
     if manifest.cuda_only and device == "cpu":
         raise DeviceRequired(f"{directory}: a packed-attention model runs on CUDA only; validate it with --device cuda")
-    chosen_device: ValidationDevice = device or ("cuda" if manifest.cuda_only else "cpu")
-    report = validate_onnx(
-        head, directory / manifest.model_file, manifest.task, manifest.outputs, cases, chosen, chosen_device
+    recorded = manifest.validation.get("tolerances")
+    chosen = replace(
+        tolerances or (Tolerances(**recorded) if recorded else default_tolerances(manifest.precision)), **(overrides or {})
     )
-    for line in report.summary_lines():
-        log(line)
+    loaded = load_head(resolve_source(manifest.source), manifest.task, lambda resolved, special: recorded_settings(manifest))
+    report = check_against_pytorch(
+        loaded,
+        directory / manifest.model_file,
+        manifest.outputs,
+        manifest.max_length,
+        manifest.special_tokens,
+        chosen,
+        device or validation_device_for(manifest.attention),
+        log,
+    )
     if not report.passed:
         raise ValidationMismatch(f"{directory}: the ONNX outputs differ from {manifest.source}: {report.problems[0]}")
     return report

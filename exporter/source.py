@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.architectures import ArchitectureSpec, architecture_for
 from exporter.errors import SourceError
+from exporter.tasks import TASK_SPECS, TaskSpec
 from worker.modeldir.manifest import Pooling, Task
 
 if TYPE_CHECKING:
@@ -150,11 +151,8 @@ def load_model(resolved: ResolvedSource, task: Task) -> tuple[Any, ArchitectureS
 
     config = load_config(resolved)
     architecture = architecture_for(config.model_type, resolved.given)
-    model_class = {
-        "embed": transformers.AutoModel,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "classify": transformers.AutoModelForSequenceClassification,
-    }[task]
+    spec = TASK_SPECS[task]
+    model_class = getattr(transformers, spec.model_class)
     try:
         model, loading_info = model_class.from_pretrained(
             resolved.transformer_dir,
@@ -167,7 +165,7 @@ def load_model(resolved: ResolvedSource, task: Task) -> tuple[Any, ArchitectureS
     except Exception as error:  # OSError for missing weights, ValueError for unsafe pickles, ...
         raise SourceError(f"{resolved.given}: cannot load weights for task {task!r}: {error}") from error
     missing = list(loading_info.get("missing_keys", []))
-    _refuse_missing_head(resolved.given, task, architecture, missing, _tied_keys(model))
+    _refuse_missing_head(resolved.given, spec, architecture, missing, _tied_keys(model))
     if task == "embed" and architecture.pooler_prefix and any(k.startswith(architecture.pooler_prefix) for k in missing):
         # A base model loaded from a masked-LM checkpoint (roberta-base, xlm-roberta-base) gets a
         # randomly initialised pooler: drop it, so --pooling pooler is refused instead of exporting noise.
@@ -183,18 +181,19 @@ def _tied_keys(model: Any) -> set[str]:
 
 
 def _refuse_missing_head(
-    source: str, task: Task, architecture: ArchitectureSpec, missing: list[str], tied: Collection[str] = ()
+    source: str, spec: TaskSpec, architecture: ArchitectureSpec, missing: list[str], tied: Collection[str] = ()
 ) -> None:
     # A head that transformers had to initialise randomly would export fine and
     # predict noise: refuse it instead of producing a plausible-looking model.
-    prefix = {"fill-mask": architecture.masked_lm_head_prefix, "classify": architecture.classifier_head_prefix}.get(task)
+    if spec.head_weights is None:
+        return
+    prefix = spec.head_weights.prefix(architecture)
     tied_weights = set(tied) | {f"{p}predictions.decoder.weight" for p in architecture.masked_lm_head_prefix}
-    head_missing = [k for k in missing if prefix and k.startswith(prefix) and k not in tied_weights]
+    head_missing = [k for k in missing if k.startswith(prefix) and k not in tied_weights]
     if head_missing:
-        what = "a masked-LM" if task == "fill-mask" else "a fine-tuned sequence classifier"
         raise SourceError(
-            f"{source}: is not {what} checkpoint: weights {', '.join(sorted(head_missing)[:4])} are missing "
-            "and would be random"
+            f"{source}: is not {spec.head_weights.checkpoint_kind} checkpoint: weights "
+            f"{', '.join(sorted(head_missing)[:4])} are missing and would be random"
         )
 
 

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from exporter.comparisons import CaseOutputs, OutputStats
 from exporter.errors import DeviceRequired
+from exporter.tasks import TASK_SPECS
 from worker.modeldir.manifest import Precision, Task
 from worker.modeldir.padding import pad_rows
 from worker.modeldir.session import CUDA, create_session, cuda_unavailable_reason, provider_of
@@ -102,28 +104,6 @@ class ValidationCase:
 
 
 @dataclass
-class OutputStats:
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    min_cosine: float | None = None
-    mismatches: int = 0
-    mean_cosine: float | None = None
-    vectors: int = 0  # how many vectors the cosines cover
-
-    def merge(self, other: OutputStats) -> None:
-        self.max_abs = max(self.max_abs, other.max_abs)
-        self.max_rel = max(self.max_rel, other.max_rel)
-        if other.min_cosine is not None:
-            self.min_cosine = other.min_cosine if self.min_cosine is None else min(self.min_cosine, other.min_cosine)
-        if other.mean_cosine is not None and other.vectors:
-            total = self.vectors + other.vectors
-            previous = (self.mean_cosine or 0.0) * self.vectors
-            self.mean_cosine = (previous + other.mean_cosine * other.vectors) / total
-            self.vectors = total
-        self.mismatches += other.mismatches
-
-
-@dataclass
 class ValidationReport:
     passed: bool
     tolerances: Tolerances
@@ -168,6 +148,7 @@ def prompt_pooling_mask(attention_mask: np.ndarray, prompt_positions: int = 3) -
 
 def build_cases(tokenizer: Tokenizer, task: Task, max_length: int, mask_token_id: int | None, pad_id: int) -> list[ValidationCase]:
     """Real-looking batches; padding differs between rows of a batch on purpose."""
+    masked = TASK_SPECS[task].masked_inputs
     tokenizer.enable_truncation(max_length)
     try:
         singles = [tokenizer.encode(text) for text in SAMPLE_TEXTS]
@@ -181,7 +162,7 @@ def build_cases(tokenizer: Tokenizer, task: Task, max_length: int, mask_token_id
     def make(name: str, encodings: list[Any]) -> ValidationCase:
         rows = [list(e.ids) for e in encodings]
         types = [list(e.type_ids) for e in encodings]
-        if task == "fill-mask" and mask_token_id is not None and not name.startswith("no-mask"):
+        if masked and mask_token_id is not None and not name.startswith("no-mask"):
             rows = [_with_masks(row, mask_token_id) for row in rows]
         input_ids, attention_mask, token_type_ids = pad_rows(rows, types, pad_id)
         return ValidationCase(name, {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids})
@@ -195,7 +176,7 @@ def build_cases(tokenizer: Tokenizer, task: Task, max_length: int, mask_token_id
         make("long-and-mid", [near_max, longest, singles[3], singles[5]]),
         make("sentence-pairs", pairs),
     ]
-    if task == "fill-mask":
+    if masked:
         cases.append(make("no-mask-batch-1", [singles[2]]))
     return cases
 
@@ -230,69 +211,21 @@ def compare_case(
     candidate: list[np.ndarray],
     tolerances: Tolerances,
 ) -> tuple[dict[str, OutputStats], list[str]]:
-    """Compare one case output by output, at valid positions only."""
+    """Compare one case output by output, each with the comparison its task's spec names for it."""
+    comparisons = TASK_SPECS[task].comparisons
     stats: dict[str, OutputStats] = {}
     problems: list[str] = []
-    by_name = dict(zip(output_names, zip(reference, candidate)))
-    for name, (expected, got) in by_name.items():
+    outputs = CaseOutputs(case.inputs["attention_mask"], dict(zip(output_names, zip(reference, candidate))))
+    for name, (expected, got) in outputs.pairs.items():
         if expected.shape != got.shape:
             problems.append(f"{case.name}: output {name!r} has shape {got.shape}, PyTorch gives {expected.shape}")
             stats[name] = OutputStats(mismatches=1)
             continue
-        if name == "token_embeddings":
-            valid = case.inputs["attention_mask"].astype(bool)
-            expected, got = expected[valid], got[valid]
-        if name in ("mask_positions",):
-            mismatches = int((expected != got).sum())
-            stats[name] = OutputStats(mismatches=mismatches)
-        elif name == "top_ids":
-            scores_expected, scores_got = by_name["top_scores"]
-            differ = expected != got
-            # A differing id is a near-tie only when PyTorch ranks that same id with a score within
-            # tolerance, or when its score ties PyTorch's k-th score (the tie crosses the top-k cut).
-            # Equal scores alone are not enough: wrong ids with right scores must fail.
-            same_id = got[..., :, None] == expected[..., None, :]
-            same_score = np.isclose(scores_got[..., :, None], scores_expected[..., None, :],
-                                    atol=tolerances.atol, rtol=tolerances.rtol)
-            listed_tie = (same_id & same_score).any(axis=-1)
-            cut_tie = np.isclose(scores_got, scores_expected[..., -1:], atol=tolerances.atol, rtol=tolerances.rtol)
-            mismatches = int((differ & ~(listed_tie | cut_tie)).sum())
-            stats[name] = OutputStats(mismatches=mismatches)
-        else:
-            stats[name] = _numeric_stats(name, expected, got, tolerances)
+        stats[name] = comparisons[name](expected, got, outputs, tolerances)
         if stats[name].mismatches:
             problems.append(f"{case.name}: output {name!r} differs from PyTorch at {stats[name].mismatches} place(s) "
                             f"(max abs diff {stats[name].max_abs:.3e})")
     return stats, problems
-
-
-def _numeric_stats(name: str, expected: np.ndarray, got: np.ndarray, tolerances: Tolerances) -> OutputStats:
-    expected64, got64 = expected.astype(np.float64), got.astype(np.float64)
-    difference = np.abs(got64 - expected64)
-    max_abs = float(difference.max(initial=0.0))
-    max_rel = float((difference / np.maximum(np.abs(expected64), 1e-6)).max(initial=0.0))
-    if np.isnan(got64).any():
-        return OutputStats(max_abs=float("nan"), max_rel=float("nan"), mismatches=int(np.isnan(got64).sum()))
-    vectors = name in ("embedding", "token_embeddings")
-    if tolerances.min_cosine is not None and vectors:
-        cosine = _row_cosine(expected64.reshape(-1, expected64.shape[-1]), got64.reshape(-1, got64.shape[-1]))
-        min_cosine = float(cosine.min(initial=1.0))
-        mean_cosine = float(cosine.mean()) if cosine.size else None
-        mismatches = int((cosine < tolerances.min_cosine).sum())
-        return OutputStats(max_abs, max_rel, min_cosine, mismatches, mean_cosine, int(cosine.size))
-    if tolerances.min_cosine is not None and name == "probs":
-        top1_differs = expected64.argmax(-1) != got64.argmax(-1)
-        sorted_probs = np.sort(expected64, axis=-1)
-        margin = sorted_probs[..., -1] - (sorted_probs[..., -2] if expected64.shape[-1] > 1 else 0.0)
-        mismatches = int((top1_differs & (margin > 2 * tolerances.atol)).sum()) + int((difference > tolerances.atol).any(-1).sum())
-        return OutputStats(max_abs, max_rel, None, mismatches)
-    close = difference <= tolerances.atol + tolerances.rtol * np.abs(expected64)
-    return OutputStats(max_abs, max_rel, None, int((~close).sum()))
-
-
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return (a * b).sum(-1) / np.maximum(norms, 1e-12)
 
 
 def validate_onnx(

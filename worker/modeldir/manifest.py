@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from worker.atomic import write_text_atomic
 
@@ -26,7 +26,7 @@ Precision = Literal["fp32", "fp16", "int8"]
 # padded: attention over the padded batch; packed: padding removed inside the graph
 # (onnxruntime's packing mode, CUDA only). The inputs are padded batches either way.
 Attention = Literal["padded", "packed"]
-TASKS: tuple[Task, ...] = ("embed", "fill-mask", "classify")
+TASKS: tuple[Task, ...] = get_args(Task)  # the one list of tasks: the CLI, both specs and the tests read it
 
 
 @dataclass(frozen=True)
