@@ -170,6 +170,12 @@ class WindowResults:
     def __init__(self, manifest: Manifest, num_rows: int, top_k: int | None, vocabulary: Sequence[str]) -> None:
         self.decoder = DECODERS[manifest.task](manifest, num_rows, top_k, vocabulary)
 
+    @property
+    def embedding(self) -> np.ndarray | None:
+        """The pooled embeddings by row, for what follows pooling (chunk means, ``--dimensions``); ``None``
+        for other tasks, or before the first batch."""
+        return self.decoder.embedding if isinstance(self.decoder, EmbeddingDecoder) else None
+
     def add(self, batch: PaddedBatch, outputs: dict[str, np.ndarray]) -> None:
         self.decoder.add(batch, outputs)
 
