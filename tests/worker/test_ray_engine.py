@@ -163,6 +163,20 @@ def test_ray_output_equals_the_local_engine_row_by_row(
     assert (on_ray.shards_written, on_ray.provider) == (local.shards_written, "CPUExecutionProvider on 2 Ray workers")
 
 
+def test_ray_output_equals_the_local_engine_with_chunking_and_int8(
+    ray_runtime: None, tmp_path: Path, small_inputs: Path, tiny_embed_export: ExportResult
+) -> None:
+    """#12 on Ray: chunk rows go to the actors with their window, ranges are decided once by the driver."""
+    options = {"max_length": 8, "chunking": "rows", "chunk_overlap": 2, "embedding_dtype": "int8", "calibration_rows": 30}
+    local, on_ray = local_and_ray(job_config(tiny_embed_export.directory, small_inputs, tmp_path, **options))
+    assert_same_output(tmp_path / "ray", tmp_path / "local")
+    assert (on_ray.rows, on_ray.tokens) == (local.rows, local.tokens) and on_ray.rows == 235
+    ranges = [json.loads((tmp_path / name / JOB_FILE).read_text())["embedding_ranges"] for name in ("local", "ray")]
+    assert ranges[0] == ranges[1]
+    for path in part_files(tmp_path / "ray"):
+        assert json.loads(pq.read_schema(path).metadata[b"bertbatch.quantization"])["ranges"] == ranges[0]
+
+
 def test_a_job_finished_by_one_engine_is_complete_for_the_other(
     ray_runtime: None, tmp_path: Path, small_inputs: Path, tiny_embed_export: ExportResult
 ) -> None:
