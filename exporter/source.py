@@ -166,7 +166,7 @@ def load_model(resolved: ResolvedSource, task: Task) -> tuple[Any, ArchitectureS
         raise SourceError(f"{resolved.given}: cannot load weights for task {task!r}: {error}") from error
     missing = list(loading_info.get("missing_keys", []))
     _refuse_missing_head(resolved.given, spec, architecture, missing, _tied_keys(model))
-    if task == "embed" and architecture.pooler_prefix and any(k.startswith(architecture.pooler_prefix) for k in missing):
+    if spec.model_class == "AutoModel" and architecture.pooler_prefix and any(k.startswith(architecture.pooler_prefix) for k in missing):
         # A base model loaded from a masked-LM checkpoint (roberta-base, xlm-roberta-base) gets a
         # randomly initialised pooler: drop it, so --pooling pooler is refused instead of exporting noise.
         model.pooler = None

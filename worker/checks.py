@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.config import RunConfig
-from worker.decode import result_schema
+from worker.decode import DECODERS, result_schema
 from worker.embedding_format import EmbeddingFormat, plan_embedding_format
 from worker.errors import InputError, InputSchemaError, UsageError
 from worker.output_rows import added_columns
@@ -59,8 +59,9 @@ def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
     if config.max_length is not None and not 2 <= config.max_length <= manifest.max_length:
         raise UsageError(f"--max-length must be between 2 and the model's {manifest.max_length}, got {config.max_length}")
     if config.top_k is not None:
-        if manifest.task != "fill-mask":
-            raise UsageError(f"--top-k applies to fill-mask models; {model_dir.path} is a {manifest.task} model")
+        if not DECODERS[manifest.task].takes_top_k:
+            takers = " and ".join(task for task, decoder in DECODERS.items() if decoder.takes_top_k)
+            raise UsageError(f"--top-k applies to {takers} models; {model_dir.path} is a {manifest.task} model")
         if not 1 <= config.top_k <= (manifest.top_k or 0):
             raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
     plan_embedding_format(config, manifest)  # its usage errors before the inputs are read

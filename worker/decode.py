@@ -28,6 +28,7 @@ class TaskDecoder:
     """Collects one task's per-row outputs over a window, batch by batch, and builds its result columns."""
 
     task: ClassVar[Task]
+    takes_top_k: ClassVar[bool] = False  # `run --top-k` keeps fewer of the export's top-k
 
     def __init__(self, manifest: Manifest, num_rows: int, top_k: int | None, vocabulary: Sequence[str]) -> None:
         self.manifest = manifest
@@ -131,6 +132,7 @@ class ClassifyDecoder(TaskDecoder):
 
 class FillMaskDecoder(TaskDecoder):
     task = "fill-mask"
+    takes_top_k = True
 
     def __init__(self, manifest: Manifest, num_rows: int, top_k: int | None, vocabulary: Sequence[str]) -> None:
         super().__init__(manifest, num_rows, top_k, vocabulary)
