@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.data import whole_words  # noqa: E402
 from worker.config import Chunking, RunConfig  # noqa: E402
 from worker.job import run_job  # noqa: E402
 
@@ -44,7 +45,7 @@ def measure(model: Path, source: Path, work: Path, chunking: Chunking, max_lengt
     return {
         "chunking": chunking,
         "rows": summary.rows,
-        "output_rows": pq.read_metadata(next(config.output.glob("part-*.parquet"))).num_rows if summary.rows else 0,
+        "output_rows": sum(pq.read_metadata(path).num_rows for path in config.output.glob("part-*.parquet")),
         "seconds": round(summary.seconds, 2),
         "rows_per_second": round(summary.rows_per_second, 3),
         "model_tokens": summary.tokens,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or _packaged_minilm(args.cache)
     from tokenizers import Tokenizer
 
-    vocabulary = sorted(word for word in Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab() if word.isalpha() and word.islower())
+    vocabulary = whole_words(Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab())
     texts, counts = long_texts(vocabulary, args.rows)
     with tempfile.TemporaryDirectory() as directory:
         work = Path(directory)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['chunking']:>9} {row['rows_per_second']:>9} {row['tokens_per_second']:>10} {row['model_tokens']:>13} {row['output_rows']:>12} {row['seconds']:>8}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    return 0 if all(row["rows"] == len(texts) for row in results) else 1
 
 
 def _packaged_minilm(cache: Path) -> Path:

@@ -164,3 +164,22 @@ def test_benchmark_runs_and_its_baselines_agree_with_the_worker(
         "worker host pipeline, model stubbed", "host pipeline headroom, mixed", "targets (issue):",
     ):
         assert name in printed
+
+
+def test_long_documents_benchmark_compares_chunked_and_truncated_runs(tiny_embed_export: object, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from benchmarks import long_documents
+
+    model = tiny_embed_export.directory  # type: ignore[attr-defined]
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    texts, counts = long_documents.long_texts(data.whole_words(tokenizer.get_vocab()), 3)
+    assert counts.min() >= 1_000 and counts.max() <= 20_000
+    assert [len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts] == counts.tolist()
+    out = tmp_path / "long.json"
+    assert long_documents.main(["--model", str(model), "--rows", "2", "--json", str(out)]) == 0
+    results = {row["chunking"]: row for row in json.loads(out.read_text())}
+    assert set(results) == {"off", "mean", "rows"}
+    assert results["off"]["model_tokens"] == 2 * 128  # truncated at the tiny model's 128
+    assert results["mean"]["model_tokens"] == results["rows"]["model_tokens"] > results["off"]["model_tokens"]
+    assert results["rows"]["output_rows"] > results["mean"]["output_rows"] == 2
