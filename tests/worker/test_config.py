@@ -21,3 +21,15 @@ def test_a_spec_missing_a_required_field_is_refused() -> None:
     del spec["text_column"]
     with pytest.raises(ValueError, match="text_column"):
         config_from_spec(spec)
+
+
+def test_the_long_text_options_survive_a_queued_spec() -> None:
+    import json
+
+    config = RunConfig(
+        model_dir=Path("/m"), input="/d/*.parquet", output=Path("/o"), text_column="t", chunking="rows", chunk_overlap=8,
+        prompt="query: ", dimensions=128, embedding_dtype="int8", calibration_rows=50, calibration=Path("/c/e.parquet"),
+    )  # fmt: skip
+    again = config_from_spec(json.loads(json.dumps(config_to_spec(config))))
+    assert again == config and isinstance(again.calibration, Path)
+    assert config_from_spec(json.loads(json.dumps(config_to_spec(RunConfig(Path("/m"), "/d", Path("/o"), "t"))))).calibration is None

@@ -96,3 +96,13 @@ def test_absolute_paths_keep_dot_dot_and_symlinks_for_the_worker_to_resolve(
     assert absolute.input == f"{tmp_path}/allowed/data/../data/*.parquet"
     assert absolute.output == tmp_path / "out"
     assert replace(absolute, model_dir=config.model_dir, input=config.input, output=config.output) == config
+
+
+def test_a_calibration_file_outside_the_roots_is_refused(config: RunConfig, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "calibration.parquet"
+    pq.write_table(pa.table({"embedding": [[0.1, 0.2]]}), outside)
+    with pytest.raises(PathNotAllowed, match="--calibration"):
+        check_confined(replace(config, embedding_dtype="int8", calibration=outside), [root])
+    inside = root / "data" / "calibration.parquet"
+    check_confined(replace(config, embedding_dtype="int8", calibration=inside), [root])
+    assert with_absolute_paths(replace(config, calibration=Path("relative.parquet"))).calibration == Path.cwd() / "relative.parquet"
