@@ -64,6 +64,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     On a normal exit the file is committed; on any exception (``KeyboardInterrupt`` too) it is removed.
     """
     temporary = temporary_path(final)
+    temporary.unlink(missing_ok=True)  # a file (or symlink) left under this name is never written through
     try:
         yield temporary
         commit(temporary, final)

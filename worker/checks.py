@@ -38,6 +38,7 @@ class CheckedJob:
 def check_job(config: RunConfig) -> CheckedJob:
     """Open the model directory, check the options against it and inspect the inputs; raise on the first problem."""
     model_dir = open_model_dir(config.model_dir)
+    _refuse_model_inside_output(config)
     max_length = _check_options(config, model_dir)
     files = inspect_inputs(_input_paths(config), config.text_column, config.text_pair_column, config.id_column)
     _refuse_column_clashes(config, model_dir, files)
@@ -93,6 +94,16 @@ def _input_paths(config: RunConfig) -> list[Path]:
     if not paths:
         raise InputError(f"{config.input}: every input file is inside the output directory {config.output}; choose another --output")
     return paths
+
+
+def _refuse_model_inside_output(config: RunConfig) -> None:
+    # The output directory is the job's to write and, with --overwrite, to clear: never the model's home.
+    model, output = config.model_dir.resolve(), config.output.resolve()
+    if model.is_relative_to(output):
+        raise UsageError(
+            f"--output {config.output} contains the model directory {config.model_dir}; "
+            "--overwrite would delete it: choose an --output outside the model directory's parents"
+        )
 
 
 def _refuse_column_clashes(config: RunConfig, model_dir: ModelDir, files: list[InputFile]) -> None:

@@ -176,6 +176,7 @@ def _run_config(
     max_errors: Annotated[Optional[int], typer.Option(help="Give up after this many failed rows (default: never).")] = None,
     keep_text: Annotated[bool, typer.Option("--keep-text", help="Also copy the text column to the output.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job's output.")] = False,
+    verify_inputs: Annotated[bool, typer.Option("--verify-inputs", help="Identify every input by its content (SHA-256), not only files under 64 MiB; resume with the same flag.")] = False,
     engine: Annotated[Literal["local", "ray"], typer.Option(help="local: threads in this process; ray: a Ray cluster (pip install 'bertbatch[ray]').")] = "local",
     num_workers: Annotated[int, typer.Option(help="ray: inference workers (actors), each with its own onnxruntime session.")] = 2,
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="ray: GPUs per worker, 0 for CPU workers (default: 1 when the cluster has GPUs).")] = None,
@@ -209,6 +210,7 @@ def _run_config(
         max_errors=max_errors,
         keep_text=keep_text,
         overwrite=overwrite,
+        verify_inputs=verify_inputs,
         engine=engine,
         num_workers=num_workers,
         gpus_per_worker=gpus_per_worker,
@@ -334,6 +336,7 @@ def serve(
     poll_seconds: Annotated[float, typer.Option(help="How often an idle worker looks for a job.")] = 1.0,
     worker_id: Annotated[Optional[str], typer.Option(help="This worker's name in the queue (default: HOST:PID).")] = None,
     allow_volatile_redis: Annotated[bool, typer.Option("--allow-volatile-redis", help="Run on a Redis without an append-only file, which loses every job on a restart (refused by default).")] = False,
+    overwrite_any_file: Annotated[bool, typer.Option("--overwrite-any-file", help="Let a queued --overwrite delete files no bertbatch job wrote (by default it deletes only shards, the job file and _SUCCESS).")] = False,
     log_format: LogFormatOption = "text",
     debug: DebugOption = False,
 ) -> None:
@@ -351,6 +354,7 @@ def serve(
             max_attempts=max_attempts,
             poll_seconds=poll_seconds,
             allow_volatile_redis=allow_volatile_redis,
+            overwrite_any_file=overwrite_any_file,
         )
         stop = threading.Event()
         with _signals_stop(stop):

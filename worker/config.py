@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, get_type_hints
 
@@ -53,6 +53,7 @@ class RunConfig:
     read_batch_rows: int = 4096
     max_errors: int | None = None
     keep_text: bool = False
+    verify_inputs: bool = False  # identify every input file by its content too (always done below 64 MiB)
     overwrite: bool = False
     engine: Engine = "local"
     num_workers: int = 2
@@ -70,6 +71,22 @@ class RunConfig:
 
 # Fields older versions wrote into queued specs, which no longer mean anything: ignored on reading.
 RETIRED_FIELDS = frozenset({"progress"})
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with ``~`` expanded and paths made absolute, once, so every check and every use sees the same path.
+
+    ``..`` and symlinks are kept as written: they are resolved where a path is checked
+    (``worker.confinement``), the way every later use resolves them. A worker started in
+    another directory finds the same files.
+    """
+    return replace(
+        config,
+        model_dir=config.model_dir.expanduser().absolute(),
+        input=str(Path(config.input).expanduser().absolute()),
+        output=config.output.expanduser().absolute(),
+        calibration=None if config.calibration is None else config.calibration.expanduser().absolute(),
+    )
 
 
 def config_to_spec(config: RunConfig) -> dict[str, Any]:

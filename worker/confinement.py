@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
-from worker.config import RunConfig
+from worker.config import RunConfig, with_absolute_paths
 from worker.errors import PathNotAllowed, UsageError
 from worker.runner import open_model_dir
 from worker.source import resolve_inputs
 
-
-def with_absolute_paths(config: RunConfig) -> RunConfig:
-    """The config with absolute paths, so a worker started in another directory finds the same files.
-
-    ``..`` and symlinks are kept as written: the worker resolves them the way this process would.
-    """
-    return replace(
-        config,
-        model_dir=config.model_dir.expanduser().absolute(),
-        input=str(Path(config.input).expanduser().absolute()),
-        output=config.output.expanduser().absolute(),
-        calibration=None if config.calibration is None else config.calibration.expanduser().absolute(),
-    )
+__all__ = ["check_confined", "with_absolute_paths"]
 
 
 def check_confined(config: RunConfig, roots: Sequence[Path]) -> None:

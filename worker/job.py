@@ -16,9 +16,9 @@ from pathlib import Path
 
 from worker.calibration import with_quantization_ranges
 from worker.checks import check_job
-from worker.config import RunConfig
+from worker.config import RunConfig, with_absolute_paths
 from worker.errors import OutputError, TooManyErrors
-from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job, write_success
+from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job, refuse_unknown_files, write_success
 from worker.local_engine import RunnerFactory, compute_locally
 from worker.runner import Runner, check_device
 from worker.sink import ShardWriter
@@ -65,14 +65,17 @@ def run_job(
     progress: Progress | None = None,
     on_start: Callable[[str, int], None] | None = None,
     make_runner: RunnerFactory = Runner,
+    overwrite_any_file: bool = True,
 ) -> JobSummary:
     """Run (or resume) a job. ``on_start(provider, rows_to_do)`` is called once the session is ready.
 
     ``config.engine`` picks who computes the windows: threads in this process, or a Ray cluster.
     ``make_runner`` builds the local engine's onnxruntime session, only when there is work to do;
     ``bertbatch serve`` passes a cache so sessions stay warm across jobs.
+    ``overwrite_any_file=False`` (queued jobs) lets ``--overwrite`` delete only files a bertbatch job wrote.
     """
     started = time.perf_counter()
+    config = with_absolute_paths(config)  # `~` and relative paths resolved once: checked and used as one value
     job = check_job(config)
     if config.engine == "local" and (config.device == "cuda" or job.model_dir.manifest.cuda_only):
         # Also when there is nothing left to do: a script asking for CUDA on a machine without it learns now.
@@ -83,12 +86,16 @@ def run_job(
         config.output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"{config.output}: cannot create the output directory: {error}") from error
-    with OutputLock(config.output):
+    with OutputLock(config.output) as lock:
         prompt = job.text.prompt if job.text is not None else None
         state = open_job(config.output, job_identity(config, job.model_dir, job.files, prompt), config.overwrite)
+        if not overwrite_any_file:
+            refuse_unknown_files(state)
         pending = [shard for shard in shards if shard.name not in state.completed]
         if state.success_file.is_file() and not pending and not state.clear_first:
             return JobSummary(config.output, 0, 0, 0, 0, time.perf_counter() - started, "none", 0, len(shards), True)
+        if lock.read_only:  # a finished job may be checked on a read-only filesystem; anything else needs writing
+            raise OutputError(f"{config.output}: on a read-only filesystem, and the job there is not complete")
         job = with_quantization_ranges(config, job, shards, state, make_runner)
         engine: Engine
         if config.engine == "ray":

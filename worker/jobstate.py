@@ -7,11 +7,14 @@ unless ``--overwrite``. ``_SUCCESS`` marks a finished job.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -25,14 +28,41 @@ from worker.source import InputFile
 JOB_FILE = "_bertbatch_job.json"
 SUCCESS_FILE = "_SUCCESS"
 LOCK_FILE = ".bertbatch.lock"
+# Every name a bertbatch job writes in its output directory (shards, bookkeeping, hidden temporaries).
+WRITTEN_BY_A_JOB = re.compile(rf"(part-\d{{5}}-\d{{5}}\.parquet|{re.escape(JOB_FILE)}|{SUCCESS_FILE}|{re.escape(LOCK_FILE)}|\..*{re.escape(TEMP_MARK)}.*)")
 
 
-def model_fingerprint(model_dir: ModelDir) -> str:
-    digest = hashlib.sha256(model_dir.manifest.to_json().encode())
-    with open(model_dir.model_file, "rb") as handle:
+# Inputs smaller than this are identified by their content too, whatever --verify-inputs says.
+CHECKSUM_BELOW_BYTES = 64 * 1024 * 1024
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: ModelDir) -> str:
+    """The manifest and every file directly in the model directory, by name and content.
+
+    Every file, not only the graph: the tokenizer and any external-data file of the graph change
+    the results too, and a worker does not parse the graph to learn which files it names.
+    """
+    digest = hashlib.sha256(model_dir.manifest.to_json().encode())
+    for path in sorted(model_dir.path.iterdir()):  # not below: an --output inside the model directory is not the model
+        if path.is_file() and not path.name.startswith("."):  # hidden: temporaries, locks
+            digest.update(f"\0{path.name}\0{file_digest(path)}".encode())
+    return digest.hexdigest()
+
+
+def input_identity(input_file: InputFile, verify: bool) -> dict[str, Any]:
+    """Path, size and mtime; and the content's SHA-256 for a file under ``CHECKSUM_BELOW_BYTES`` or with ``verify``."""
+    identity: dict[str, Any] = {"path": str(input_file.path.resolve()), "size": input_file.size, "mtime_ns": input_file.mtime_ns}
+    if verify or input_file.size < CHECKSUM_BELOW_BYTES:
+        identity["sha256"] = file_digest(input_file.path)
+    return identity
 
 
 def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile], prompt: str | None = None) -> dict[str, Any]:
@@ -52,7 +82,7 @@ def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile],
         "top_k": config.top_k,
         "keep_text": config.keep_text,
         "rows_per_shard": config.rows_per_shard,
-        "inputs": [{"path": str(f.path.resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files],
+        "inputs": [input_identity(f, config.verify_inputs) for f in files],
         "chunking": config.chunking,
         "chunk_overlap": config.chunk_overlap if config.chunking != "off" else None,
         "prompt": prompt,
@@ -100,17 +130,32 @@ class JobState:
 
 
 class OutputLock:
-    """An exclusive, non-blocking ``flock`` on the output directory, held for the whole job."""
+    """An exclusive, non-blocking ``flock`` on the output directory, held for the whole job.
+
+    The lock file is opened without following a symlink and must be a regular file: whoever
+    can write the output directory must not make the job truncate a file elsewhere.
+    """
 
     def __init__(self, output: Path) -> None:
         self.path = output / LOCK_FILE
         self._handle: IO[str] | None = None
+        self.read_only = False  # the output's filesystem is read-only: nobody here can write it, no lock needed to read it
 
     def __enter__(self) -> OutputLock:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO does not hang the open
         try:
-            self._handle = open(self.path, "a+", encoding="utf-8")
+            descriptor = os.open(self.path, flags, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OutputConflict(f"{self.path}: the lock file is a symlink; remove it (bertbatch never follows it)") from error
+            if error.errno == errno.EROFS:
+                self.read_only = True
+                return self
             raise OutputError(f"{self.path}: cannot create the lock file: {error}") from error
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise OutputConflict(f"{self.path}: the lock file is not a regular file; remove it")
+        self._handle = open(descriptor, "r+", encoding="utf-8")
         try:
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -118,10 +163,14 @@ class OutputLock:
             holder = self._handle.read().strip() or "another process"
             self._handle.close()
             raise JobLocked(f"{self.path.parent}: locked by {holder}; another bertbatch run is writing this output") from None
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._handle.write(f"pid {os.getpid()}\n")
-        self._handle.flush()
+        try:
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.write(f"pid {os.getpid()}\n")
+            self._handle.flush()
+        except OSError as error:  # a full disk: the lock is held all the same, only its note is missing
+            self.__exit__()
+            raise OutputError(f"{self.path}: cannot write the lock file: {error}") from error
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -162,6 +211,19 @@ def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobStat
             raise OutputConflict(f"{output}: is not empty and holds no bertbatch job; use another --output or --overwrite")
         return JobState(output, identity, clear_first=True)
     return JobState(output, identity)
+
+
+def refuse_unknown_files(state: JobState) -> None:
+    """Raise ``OutputConflict`` if ``--overwrite`` would delete files no bertbatch job wrote (queued jobs)."""
+    if not state.clear_first:
+        return
+    unknown = sorted(path.name for path in state.output.iterdir() if not WRITTEN_BY_A_JOB.fullmatch(path.name))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise OutputConflict(
+            f"{state.output}: --overwrite through the queue deletes only files a bertbatch job wrote, and this output "
+            f"also holds {shown}; move them, or start the worker with --overwrite-any-file"
+        )
 
 
 def begin(state: JobState) -> None:

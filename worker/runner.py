@@ -91,6 +91,7 @@ class Runner:
                 f"{model_dir.model_file}: the graph takes inputs {unknown} the worker does not make; "
                 f"it feeds {', '.join(BATCH_INPUTS)}. Re-export it with `bertbatch export`"
             )
+        _check_embedding_width(model_dir, self.session)
         self._ortvalue = onnxruntime.OrtValue
         self._on_cuda = self.provider == CUDA
 
@@ -108,6 +109,18 @@ class Runner:
             binding.bind_output(name, "cuda" if self._on_cuda else "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+def _check_embedding_width(model_dir: ModelDir, session: object) -> None:
+    # A manifest edited by hand (or copied from another export) must fail here, not while decoding.
+    expected = model_dir.manifest.embedding_dim
+    for output in session.get_outputs():  # type: ignore[attr-defined]
+        width = output.shape[-1] if output.name == "embedding" and output.shape else None
+        if expected is not None and isinstance(width, int) and width != expected:
+            raise ModelDirError(
+                f"{model_dir.path}: the manifest says embedding_dim {expected}, the graph's embedding has {width}; "
+                "the manifest belongs to another export: re-export the model"
+            )
 
 
 def check_device(model_dir: ModelDir, device: Device) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.config import Device, config_from_spec
+from worker.config import Device, config_from_spec, with_absolute_paths
 from worker.confinement import check_confined
 from worker.errors import JobLocked, QueueError, UsageError, WorkerError
 from worker.job import run_job
@@ -44,6 +44,7 @@ class ServeConfig:
     poll_seconds: float = 1.0
     max_sessions: int = 2
     allow_volatile_redis: bool = False  # run on a Redis that would lose the queue on a restart
+    overwrite_any_file: bool = False  # a queued --overwrite may delete files no bertbatch job wrote
 
 
 @dataclass(frozen=True)
@@ -296,9 +297,11 @@ def _run_delivery(
         try:
             if claimed.spec is None:
                 raise ValueError("the job's spec is missing or not JSON")
-            job = config_from_spec(claimed.spec)
+            job = with_absolute_paths(config_from_spec(claimed.spec))  # checked and used as this one value
             check_confined(job, config.allow_roots)
-            summary = run_job(job, progress=delivery.advance, on_start=delivery.start, make_runner=sessions.get)
+            summary = run_job(
+                job, progress=delivery.advance, on_start=delivery.start, make_runner=sessions.get, overwrite_any_file=config.overwrite_any_file
+            )
         finally:
             housekeeper.detach()  # before the outcome is recorded: no heartbeat may race it
     except _StopRequested:

@@ -28,6 +28,7 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         try:
             if self._writer is None:
+                self.temporary.unlink(missing_ok=True)  # a file (or symlink) left under this name is never written through
                 self._writer = pq.ParquetWriter(self.temporary, table.schema, compression="zstd")
             elif table.schema != self._writer.schema:
                 table = table.cast(self._writer.schema)

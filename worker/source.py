@@ -88,6 +88,10 @@ def inspect_inputs(
                 raise InputSchemaError(
                     f"{path}: no column {column!r} ({role}); columns are {', '.join(schema.names) or 'none'}"
                 )
+            if schema.names.count(column) > 1:
+                raise InputSchemaError(
+                    f"{path}: column {column!r} ({role}) appears {schema.names.count(column)} times; give the columns distinct names"
+                )
             if role != "--id-column" and not _is_text_type(schema.field(column).type):
                 raise InputSchemaError(
                     f"{path}: column {column!r} ({role}) has type {schema.field(column).type}, expected a string column"
@@ -143,10 +147,19 @@ def column_texts(column: pa.Array) -> tuple[list[str | None], list[int]]:
     return texts, invalid
 
 
+# A window's rows are bounded by bytes as well as by count: rows of megabytes of text come a few at
+# a time (the row groups' uncompressed size per row tells how big the shard's rows are on average).
+WINDOW_BYTES = 64 * 1024 * 1024
+
+
 def read_shard(input_file: InputFile, shard: Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream a shard's rows as record batches of at most ``batch_rows`` rows."""
+    """Stream a shard's rows as record batches of at most ``batch_rows`` rows and about ``WINDOW_BYTES``."""
     try:
         parquet = pq.ParquetFile(input_file.path)
+        groups = [parquet.metadata.row_group(group) for group in shard.row_groups]
+        rows, size = sum(group.num_rows for group in groups), sum(group.total_byte_size for group in groups)
+        if rows and size > WINDOW_BYTES:
+            batch_rows = max(1, min(batch_rows, WINDOW_BYTES * rows // size))
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(shard.row_groups)):
             if batch.num_rows:
                 yield batch

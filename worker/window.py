@@ -151,10 +151,13 @@ class LoadedModel:
 
 
 def prepare_shard(plan: WindowPlan, tokenizer: object, input_file: InputFile, shard: Shard) -> Iterator[PreparedWindow]:
-    """Read a shard's windows and prepare each one."""
-    tables = list(read_shard(input_file, shard, plan.window_rows))
-    for index, table in enumerate(tables):
-        yield prepare_window(plan, tokenizer, shard, index, table, last_of_shard=index == len(tables) - 1)
+    """Read a shard's windows and prepare each one, streaming: at most two windows of the shard are read at once."""
+    tables = read_shard(input_file, shard, plan.window_rows)
+    table, index = next(tables, None), 0
+    while table is not None:
+        following = next(tables, None)  # one ahead, to know the last window of the shard
+        yield prepare_window(plan, tokenizer, shard, index, table, last_of_shard=following is None)
+        table, index = following, index + 1
 
 
 def prepare_window(

@@ -91,6 +91,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"manifest format_version {version!r}, this bertbatch reads {FORMAT_VERSION}")
@@ -99,7 +101,24 @@ class Manifest:
         data["outputs"] = tuple(data["outputs"])
         if data.get("id2label") is not None:
             data["id2label"] = {int(k): v for k, v in data["id2label"].items()}
+        _check_values(data)
         return cls(**data)
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    # A manifest edited by hand must fail here, naming the field, rather than deep inside a run.
+    if data.get("task") not in TASKS:
+        raise ValueError(f"task {data.get('task')!r}, expected one of {', '.join(TASKS)}")
+    for name in ("max_length", "opset", "embedding_dim", "top_k"):
+        value = data.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} {value!r}, expected a positive integer")
+    if data["task"] == "embed" and data.get("embedding_dim") is None:
+        raise ValueError("embedding_dim missing, an embed model needs it")
+    for name in ("model_file", "tokenizer_file"):
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} {value!r}, expected a file name")
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
