@@ -140,9 +140,14 @@ POOLING_MASK = "pooling_mask"
 
 
 def prompt_pooling_mask(attention_mask: np.ndarray, prompt_positions: int = 3) -> np.ndarray:
-    """A pooling mask as the worker makes it for a prompt: the attention mask less the first positions."""
+    """A pooling mask as the worker makes it for a prompt: the attention mask less the first positions.
+
+    Only in rows with tokens left to pool: an all-zero mask pools a zero vector, which has no
+    cosine to compare (the int8 and fp16 criteria would fail on it whatever the graph computes).
+    """
     pooling_mask = attention_mask.copy()
-    pooling_mask[:, :prompt_positions] = 0
+    longer = attention_mask.sum(axis=1) > prompt_positions + 1
+    pooling_mask[longer, :prompt_positions] = 0
     return pooling_mask
 
 

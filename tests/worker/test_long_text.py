@@ -423,3 +423,19 @@ def test_include_prompt_false_with_chunking_leaves_the_prompt_out_of_every_chunk
     # Each chunk as a text of its own (its words: one token each), prompted and pooled by sentence-transformers.
     chunk_texts = [texts[row["id"]][row["chunk_start"] : row["chunk_end"]] for row in rows]
     np.testing.assert_allclose(vectors(table), reference.encode(chunk_texts), atol=2e-5)
+
+
+def test_a_fused_int8_export_keeps_the_pooling_mask(tmp_path: Path, prompted_model_dir: Path, sentences: Path) -> None:
+    """--quantize int8 (a fused graph) with include_prompt false: the pooling_mask input survives optimizing, validates, runs."""
+    from sentence_transformers import SentenceTransformer
+
+    from exporter.export import ExportConfig, export_model
+
+    export = export_model(ExportConfig(source=str(prompted_model_dir), task="embed", out=tmp_path / "int8", quantize="int8"), log=lambda line: None)
+    assert export.manifest.inputs[-1] == "pooling_mask" and export.manifest.optimized and export.manifest.validated
+    result = run(export.directory, sentences, tmp_path / "out", "--prompt-name", "passage")
+    assert result.exit_code == 0, result.output
+    got = vectors(pq.read_table(tmp_path / "out"))
+    expected = SentenceTransformer(str(prompted_model_dir), device="cpu").encode(SENTENCES, prompt_name="passage")
+    cosines = (got * expected).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosines.min() > 0.97  # int8 error only; the fp32 tests above check that the prompt is left out
