@@ -8,7 +8,7 @@ text, so a design that moves rows through the driver shows it. A local Ray clust
 driver is a separate process (``--measure-driver``, the same ``run_job`` as ``bertbatch run
 --engine ray --ray-address``) so that its figures are its own and not the cluster's:
 
-- peak RSS: ``ru_maxrss`` of the driver process,
+- peak RSS: the driver process's high-water mark (``VmHWM``),
 - CPU seconds: user + system time of the driver process (Ray's threads in it included),
 - bytes received: the size of every Arrow batch the driver's ``Dataset.iter_batches`` handed
   to the engine (the only way rows reach the driver in either design), per shard.
@@ -84,8 +84,9 @@ def tiny_model(cache: Path) -> Path:
     return export
 
 
-def measure_driver(address: str, model: Path, inputs: Path, output: Path, num_workers: int) -> dict[str, Any]:
+def measure_driver(address: str, model: Path, inputs: Path, output: Path, num_workers: int, rows_per_shard: int) -> dict[str, Any]:
     """Run one job as this process (the driver) and return its own costs."""
+    import pyarrow as pa
     import ray.data
 
     from worker.config import RunConfig
@@ -96,13 +97,14 @@ def measure_driver(address: str, model: Path, inputs: Path, output: Path, num_wo
 
     def counting_iter_batches(self: Any, *args: Any, **kwargs: Any) -> Any:
         for batch in iter_batches(self, *args, **kwargs):
-            received.append(int(batch.nbytes))
+            assert isinstance(batch, pa.Table), "both designs ask for pyarrow batches"
+            received.append(batch.nbytes)
             yield batch
 
     ray.data.Dataset.iter_batches = counting_iter_batches  # type: ignore[method-assign]
     config = RunConfig(
         model_dir=model, input=str(inputs), output=output, text_column="text", id_column="id", device="cpu",
-        rows_per_shard=ROWS_PER_SHARD, read_batch_rows=READ_BATCH_ROWS, engine="ray", num_workers=num_workers,
+        rows_per_shard=rows_per_shard, read_batch_rows=READ_BATCH_ROWS, engine="ray", num_workers=num_workers,
         ray_address=address,
     )  # fmt: skip
     started = time.perf_counter()
@@ -113,11 +115,20 @@ def measure_driver(address: str, model: Path, inputs: Path, output: Path, num_wo
         "rows": summary.rows,
         "shards": summary.shards_written,
         "seconds": round(seconds, 1),
-        "driver_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "driver_peak_rss_mb": round(peak_rss_kib() / 1024, 1),
         "driver_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
         "bytes_received": sum(received),
         "bytes_received_per_shard": round(sum(received) / max(1, summary.shards_written)),
     }
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that over ``exec`` from the
+    parent that forked this process, so it would report the parent's size when the parent was larger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -125,13 +136,14 @@ def main() -> None:
     parser.add_argument("--rows", default="10000,100000", help="comma-separated row counts, one job each")
     parser.add_argument("--row-bytes", type=int, default=50_000, help="bytes of the passthrough column per row")
     parser.add_argument("--num-workers", type=int, default=1, help="inference actors")
+    parser.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD)
     parser.add_argument("--design", default="current", help="a label for the JSON (e.g. driver-writes, workers-write)")
     parser.add_argument("--out", type=Path, default=Path("results/ray-driver"))
     parser.add_argument("--measure-driver", nargs=4, metavar=("ADDRESS", "MODEL", "INPUTS", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_driver:
         address, model, inputs, output = args.measure_driver
-        print(json.dumps(measure_driver(address, Path(model), Path(inputs), Path(output), args.num_workers)))
+        print(json.dumps(measure_driver(address, Path(model), Path(inputs), Path(output), args.num_workers, args.rows_per_shard)))
         return
 
     from ray.cluster_utils import Cluster
@@ -150,6 +162,7 @@ def main() -> None:
             shutil.rmtree(output, ignore_errors=True)  # a fresh job every time, never a resumed one
             command = [
                 sys.executable, str(Path(__file__).resolve()), "--num-workers", str(args.num_workers),
+                "--rows-per-shard", str(args.rows_per_shard),
                 "--measure-driver", cluster.address, str(model), str(inputs), str(output),
             ]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})

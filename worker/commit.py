@@ -42,7 +42,8 @@ class ShardRecord:
 
     shard: str  # the shard's file name, e.g. part-00000-00001.parquet
     attempt: str  # the attempt's id: its file is ``attempt_path(output, shard, attempt)``
-    rows: int
+    rows: int  # rows written (one per chunk with --chunking rows): what the job file records
+    rows_read: int  # input rows
     error_rows: int
     truncated_rows: int
     tokens: int
@@ -90,21 +91,28 @@ class AttemptWriter:
     def write(self, table: pa.Table) -> None:
         self._writer.write(table)
 
-    def seal(self, error_rows: int, truncated_rows: int, tokens: int) -> ShardRecord:
+    def seal(self, rows_read: int, error_rows: int, truncated_rows: int, tokens: int) -> ShardRecord:
         """Close and fsync the attempt file (it stays hidden: only the driver renames it)."""
         try:
             self._writer.close()
-            with open(self.path, "rb") as handle:
-                digest = hashlib.file_digest(handle, CHECKSUM).hexdigest()
+            digest = _digest(self.path)
             fsync_file(self.path)
             size = self.path.stat().st_size
         except OSError as error:
             self.abort()
             raise OutputError(f"{self.path}: cannot finish writing shard {self.shard}: {error}") from error
-        return ShardRecord(self.shard, self.attempt, self.rows, error_rows, truncated_rows, tokens, size, f"{CHECKSUM}:{digest}")
+        return ShardRecord(self.shard, self.attempt, self.rows, rows_read, error_rows, truncated_rows, tokens, size, f"{CHECKSUM}:{digest}")
 
     def abort(self) -> None:
         self._writer.abort()
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.new(CHECKSUM)
+    with open(path, "rb") as handle:  # just written: read back from the page cache
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def commit_attempt(output: Path, record: ShardRecord) -> Path:

@@ -1,21 +1,24 @@
 """A job: input shards -> engine (tokenize, batch, run, decode) -> output shards, resumable.
 
-This process checks the job (``worker.checks``), holds the output lock, and writes and records
-each shard (``worker.jobstate``) whichever engine computes the windows (``worker.local_engine``,
-``worker.ray_engine``), so both share the output layout and the resume rules. Each shard is
-committed atomically and recorded in the job file, so a rerun of the same command skips what is done.
+This process checks the job (``worker.checks``), holds the output lock, and commits and records
+each shard (``worker.jobstate``) whichever engine computes the windows, so both share the output
+layout and the resume rules: with the local engine (``worker.local_engine``) it writes the shards
+itself; with the Ray engine (``worker.ray_engine``) the cluster's workers write each shard to an
+attempt file and this process renames it into place (``worker.commit``). Each shard is committed
+atomically and recorded in the job file, so a rerun of the same command skips what is done.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.atomic import remove_stale_temporaries
 from worker.calibration import with_quantization_ranges
 from worker.checks import check_job
+from worker.commit import ShardRecord, commit_shards
 from worker.config import RunConfig, with_absolute_paths
 from worker.errors import OutputError, TooManyErrors
 from worker.jobstate import JobState, OutputLock, begin, job_identity, open_job, refuse_unknown_files, write_success
@@ -24,8 +27,6 @@ from worker.runner import Runner, check_device
 from worker.sink import ShardWriter
 from worker.source import plan_shards
 from worker.window import ComputedWindow
-
-Engine = AbstractContextManager[tuple[str, Iterator[ComputedWindow]]]  # (provider, computed windows in shard order)
 
 Progress = Callable[[int], None]
 
@@ -69,7 +70,9 @@ def run_job(
 ) -> JobSummary:
     """Run (or resume) a job. ``on_start(provider, rows_to_do)`` is called once the session is ready.
 
-    ``config.engine`` picks who computes the windows: threads in this process, or a Ray cluster.
+    ``config.engine`` picks who computes the windows: threads in this process, which writes the
+    shards, or a Ray cluster (``worker.ray_engine``), whose workers write them for this process to
+    commit (``worker.commit``).
     ``make_runner`` builds the local engine's onnxruntime session, only when there is work to do;
     ``bertbatch serve`` passes a cache so sessions stay warm across jobs.
     ``overwrite_any_file=False`` (queued jobs) lets ``--overwrite`` delete only files a bertbatch job wrote.
@@ -97,18 +100,21 @@ def run_job(
         if lock.read_only:  # a finished job may be checked on a read-only filesystem; anything else needs writing
             raise OutputError(f"{config.output}: on a read-only filesystem, and the job there is not complete")
         job = with_quantization_ranges(config, job, shards, state, make_runner)
-        engine: Engine
         if config.engine == "ray":
-            from worker.ray_engine import compute_on_ray
+            # The cluster's workers write the shards; this process commits them (worker.commit).
+            from worker.ray_engine import write_on_ray
 
-            engine = compute_on_ray(config, job, pending)
+            with write_on_ray(config, job, pending) as (provider, records):
+                begin(state)  # only now that the engine is up, and before a worker writes an attempt
+                if on_start:
+                    on_start(provider, sum(shard.num_rows for shard in pending))
+                counters = _commit_shards(config, state, records, [shard.name for shard in pending], progress)
         else:
-            engine = compute_locally(config, job, pending, make_runner)
-        with engine as (provider, computed):
-            begin(state)  # only now that the engine is up: a run that cannot start changes nothing
-            if on_start:
-                on_start(provider, sum(shard.num_rows for shard in pending))
-            counters = _write_shards(config, state, computed, progress)
+            with compute_locally(config, job, pending, make_runner) as (provider, computed):
+                begin(state)  # only now that the engine is up: a run that cannot start changes nothing
+                if on_start:
+                    on_start(provider, sum(shard.num_rows for shard in pending))
+                counters = _write_shards(config, state, computed, progress)
         write_success(state, counters.rows, counters.error_rows, provider)
         return JobSummary(
             output=config.output,
@@ -149,6 +155,32 @@ def _write_shards(
     finally:
         if writer is not None:
             writer.abort()
+    return counters
+
+
+def _commit_shards(
+    config: RunConfig, state: JobState, records: Iterable[ShardRecord], shards: list[str], progress: Progress | None
+) -> _Counters:
+    """Commit the shards the Ray engine's workers wrote, as they finish (in input order with
+    ``--max-errors``, so that a job stopped for errors keeps the shards the local engine keeps)."""
+    counters = _Counters()
+
+    def admit(record: ShardRecord) -> None:
+        failed = counters.error_rows + record.error_rows
+        if config.max_errors is not None and failed > config.max_errors:
+            raise TooManyErrors(
+                f"{failed} rows failed, more than --max-errors {config.max_errors}; "
+                f"{len(state.completed)} finished shards are kept in {config.output}, the current one is dropped"
+            )
+
+    for record in commit_shards(state, records, shards, in_order=config.max_errors is not None, admit=admit):
+        counters.rows += record.rows_read
+        counters.error_rows += record.error_rows
+        counters.truncated_rows += record.truncated_rows
+        counters.tokens += record.tokens
+        if progress:
+            progress(record.rows_read)
+    remove_stale_temporaries(state.output)  # attempts whose workers died: every shard is committed now
     return counters
 
 

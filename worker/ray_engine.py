@@ -1,19 +1,41 @@
-"""The Ray engine (``--engine ray``): windows computed on a Ray cluster, written by this process.
+"""The Ray engine (``--engine ray``): shards computed and written on a Ray cluster, committed by this process.
 
-This process (the driver) plans the shards, holds the output lock, writes each shard and records
-it in the job file exactly as with the local engine, so both share the output layout and the
-resume rules. Ray only computes, in a Ray Data pipeline with one row per window::
+Rows never pass through this process (the driver). A Ray Data pipeline with one row per shard::
 
-    pending shards -> prepare_shard: read, tokenize, pad (CPU tasks, one per shard)
-                   -> compute_window: run, decode, finish (an actor pool; each actor loads one
-                      onnxruntime session once)
-                   -> this process, in order (``preserve_order``)
+    pending shards -> tokenize (CPU tasks): read the shard's text columns window by window, tokenize
+                      each window; hand on one Arrow row of tokens per shard (``worker.shard_tokens``)
+                   -> write (an actor pool; each actor holds one onnxruntime session): read the shard's
+                      rows again window by window, run and decode each window with the tokens
+                      (``worker.window.compute_window``), append it to the shard's attempt file
+                      (``worker.commit.AttemptWriter``); hand on a commit record of a few hundred bytes
+                   -> this process: rename each attempt into place and record the shard in the job
+                      file, in the order shards finish (``worker.commit.commit_shards``)
 
-A row carries a whole window as one pickled cell, so however Ray Data merges or splits blocks,
-an actor sees the windows the local engine would cut and runs them through the same code and the
-same ``WindowPlan`` (``worker.window``): same batches, same numbers. Ray Data restarts actors that die and retries
-their windows; the driver checks every window arrives once and in order before it is written.
-If the driver dies, committed shards stay and a rerun resumes like a local one.
+Why one row per shard, and why the writer reads the rows itself. A shard is the unit a worker
+writes and the driver commits, so the stage that writes must see all of a shard's windows, in
+order; Ray Data routes blocks to whichever actor is free, so a pipeline of one row per window
+would scatter a shard over actors. One row per shard keeps a shard on one actor, but a shard's
+rows can be wide (passthrough columns of kilobytes a row, 100k rows a shard): moved as a block
+they would cost memory per shard in every object store they cross. So only the tokens move
+(a few bytes a token: bounded by ``--rows-per-shard`` x ``--max-length``, whatever the rows
+weigh); the writing actor streams the shard's rows from the input (which every node reads
+anyway) one window at a time, so an actor holds one window of rows and one shard of tokens.
+Memory is bounded by Ray Data's backpressure on the token blocks (its object store budget per
+operator, and at most ``SHARDS_QUEUED_PER_ACTOR`` shards queued per actor), never by the dataset's
+size. The price: the text columns are read twice (by the tokenizer, and by the writer with the rest
+of the row), which costs little beside tokenizing them. The alternative, one row per window with the
+rows in the blocks and a stage that regroups windows by shard, would need an all-to-all shuffle
+(which Ray Data materializes) or move every byte of every row through the object store.
+
+The windows an actor computes are the local engine's (the same reader, window size and window
+functions, ``worker.window``): same tokens, same batches, same numbers, and the same output
+layout; the job identity and the resume rules are the job's (``worker.job``), so a job started
+with one engine is finished by the other.
+
+Faults: an actor that dies (SIGKILL, a lost node) is restarted and its shards are retried, each
+retry writing a new attempt file; an attempt whose worker died leaves a hidden temporary file,
+removed at the end of the run or by the next run. Only the driver renames, once per shard, so a
+shard never has two copies. If the driver dies, committed shards stay and a rerun resumes.
 
 ``ray`` is imported inside functions only, so ``bertbatch --help`` stays instant.
 """
@@ -22,9 +44,8 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import warnings
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,21 +54,26 @@ from typing import Any
 import pyarrow as pa
 
 from worker.checks import CheckedJob
+from worker.commit import AttemptWriter, ShardRecord, records_from_table, records_to_table
 from worker.config import Device, RunConfig
 from worker.decode import vocabulary_of
 from worker.errors import DeviceUnavailable, EngineError, UsageError, WorkerError
-from worker.modeldir.session import CPU, CUDA
+from worker.pipeline import in_background
 from worker.process_guard import watch_new_processes
+from worker.modeldir.session import CPU, CUDA
 from worker.runner import Runner, open_model_dir
-from worker.source import InputFile, Shard
+from worker.shard_tokens import WindowTokens, shard_from_arrow, shard_to_arrow
+from worker.source import InputFile, Shard, read_shard
 from worker.tokenize import load_tokenizer
-from worker.window import ComputedWindow, LoadedModel, PreparedWindow, WindowPlan, compute_window, plan_windows, prepare_shard
+from worker.window import LoadedModel, WindowPlan, batch_window, compute_window, plan_windows, tokenize_table
 
-WINDOW_COLUMN = "window"  # the one column of the pipeline's rows: a pickled window
-# An actor that dies is restarted (a lost node, an OOM kill) and the windows it held are retried,
-# but a window that has killed its actor this many times fails the job rather than loop forever.
-# (Read tasks keep Ray Data's default: retried whenever their worker dies.)
-WINDOW_RETRIES = 3
+# An actor that dies is restarted (a lost node, an OOM kill) and the shards it held are retried
+# until they finish, as Ray Data does by default. A bound would be spent by a node's death: the
+# driver's calls to an actor whose node is gone fail fast ("actor unavailable") until the cluster
+# notices, and each failure counts. (Tokenizing tasks keep Ray Data's default too.)
+SHARD_RETRIES = -1
+# Shards queued on an actor beyond the one it writes: enough to keep it busy, few to hold tokens for.
+SHARDS_QUEUED_PER_ACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -65,22 +91,24 @@ class WorkerPlan:
 
 
 @contextmanager
-def compute_on_ray(config: RunConfig, job: CheckedJob, shards: list[Shard]) -> Iterator[tuple[str, Iterator[ComputedWindow]]]:
-    """The Ray engine: yields ``(provider, computed windows of shards, in order)``.
+def write_on_ray(config: RunConfig, job: CheckedJob, shards: list[Shard]) -> Iterator[tuple[str, Iterator[ShardRecord]]]:
+    """The Ray engine: yields ``(provider, records of the shards written, as they finish)``.
 
-    Joins ``config.ray_address``, or the Ray runtime this process already runs, or starts a
-    local one (shut down on leaving).
+    Each record names an attempt file in ``config.output`` for the caller to commit
+    (``worker.commit.commit_shards``). Nothing runs until the records are iterated, so the
+    caller may clear stale attempts first. Joins ``config.ray_address``, or the Ray runtime
+    this process already runs, or starts a local one (shut down on leaving).
     """
     with _ray_runtime(config):
         workers = plan_workers(config)
         plan = plan_windows(config, job.model_dir.manifest, job.max_length, workers.gpus > 0, job.text, job.embedding)
         dataset = _build_dataset(config, plan, job, shards, workers)
         provider = f"{workers.provider} on {config.num_workers} Ray workers"
-        windows = _in_order(dataset, shards)
+        records = _records(dataset)
         try:
-            yield provider, windows
+            yield provider, records
         finally:
-            windows.close()  # stops the Ray Data execution when leaving early
+            records.close()  # stops the Ray Data execution when leaving early
 
 
 def plan_workers(config: RunConfig) -> WorkerPlan:
@@ -146,61 +174,45 @@ def _build_dataset(config: RunConfig, plan: WindowPlan, job: CheckedJob, shards:
 
     # Workers on other nodes have another working directory: give them absolute paths.
     files = [replace(input_file, path=input_file.path.absolute()) for input_file in job.files]
-    model_path = job.model_dir.path.absolute()
-    read = functools.partial(
-        _prepare_shards, plan=plan, files=files, shards=shards, tokenizer_file=job.model_dir.tokenizer_file.absolute()
+    tokenize = functools.partial(
+        _tokenize_shards, plan=plan, files=files, shards=shards, tokenizer_file=job.model_dir.tokenizer_file.absolute()
     )
-    tokenized = (
-        ray.data.range(len(shards), override_num_blocks=max(1, len(shards)))
-        .map_batches(read, batch_size=None, batch_format="pyarrow", num_cpus=1)
-        # A block per window, so windows (not whole shards) are shared out to actors and retried.
-        .repartition(target_num_rows_per_block=1)
+    tokenized = ray.data.range(len(shards), override_num_blocks=max(1, len(shards))).map_batches(
+        tokenize, batch_size=None, batch_format="pyarrow", num_cpus=1
     )
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these keyword arguments and names no replacement yet; pyproject caps Ray below 2.64.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = tokenized.map_batches(
-            _InferenceActor,
-            fn_constructor_args=(plan, model_path, workers),
-            batch_size=1,  # one row, one window
+            _ShardWriterActor,
+            fn_constructor_args=(plan, job.model_dir.path.absolute(), config.output.absolute(), files, shards, workers),
+            batch_size=1,  # one row, one shard
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=config.num_workers),
+            compute=ray.data.ActorPoolStrategy(size=config.num_workers, max_tasks_in_flight_per_actor=SHARDS_QUEUED_PER_ACTOR),
             num_cpus=workers.cpus,
             num_gpus=workers.gpus,
             max_restarts=-1,
-            max_task_retries=WINDOW_RETRIES,
+            max_task_retries=SHARD_RETRIES,
         )
-    dataset.context.execution_options.preserve_order = True
-    dataset.context.enable_progress_bars = False  # the CLI draws its own
+    context = dataset.context
+    context.execution_options.preserve_order = False  # shards commit as they finish
+    context.enable_progress_bars = False  # the CLI draws its own
     # A UDF's own error (e.g. a model directory that a node cannot see) rather than a wrapper.
-    dataset.context.raise_original_map_exception = True
+    context.raise_original_map_exception = True
     return dataset
 
 
-def _in_order(dataset: Any, shards: list[Shard]) -> Generator[ComputedWindow, None, None]:
-    """The dataset's windows, checked to come once each, in shard and window order."""
+def _records(dataset: Any) -> Generator[ShardRecord, None, None]:
+    """The commit records of the dataset's shards, as they finish: all that reaches this process."""
     import ray
 
-    position, window = 0, 0
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for cell in batch.column(WINDOW_COLUMN).to_pylist():
-                computed: ComputedWindow = pickle.loads(cell)
-                if position == len(shards) or (computed.shard, computed.index) != (shards[position], window):
-                    raise EngineError(
-                        f"Ray returned window {computed.index} of {computed.shard.name} out of order (expected window {window} "
-                        f"of shard {position + 1} of {len(shards)}); the current shard is dropped, run again to resume"
-                    )
-                window += 1
-                if computed.last_of_shard:
-                    position, window = position + 1, 0
-                yield computed
+            yield from records_from_table(batch)
     except ray.exceptions.RayError as error:
         raise _worker_error_in(error) or EngineError(
             f"the Ray engine failed: {type(error).__name__}: {error}; finished shards are kept, run again to resume"
         ) from error
-    if position != len(shards):
-        raise EngineError(f"Ray returned {position} of {len(shards)} shards; run again to resume")
 
 
 def _worker_error_in(error: BaseException) -> WorkerError | None:
@@ -221,22 +233,27 @@ def _tokenizer(path: Path, max_length: int | None) -> Any:
     return load_tokenizer(path, max_length)
 
 
-def _prepare_shards(batch: pa.Table, *, plan: WindowPlan, files: list[InputFile], shards: list[Shard], tokenizer_file: Path) -> Iterator[pa.Table]:
-    """Stage 1 (a Ray task per shard): read a shard's windows, tokenize and pad them."""
+def _tokenize_shards(
+    batch: pa.Table, *, plan: WindowPlan, files: list[InputFile], shards: list[Shard], tokenizer_file: Path
+) -> Iterator[pa.Table]:
+    """Stage 1 (a Ray task per shard): read a shard's text columns window by window and tokenize them."""
     tokenizer = _tokenizer(tokenizer_file, plan.tokenizer_max_length)
     for position in batch.column("id").to_pylist():
         shard = shards[position]
-        for window in prepare_shard(plan, tokenizer, files[shard.file_index], shard):
-            yield _cells([window])
+        windows = [
+            WindowTokens(*tokenize_table(plan, tokenizer, table), rows=table.num_rows)
+            for table in read_shard(files[shard.file_index], shard, plan.window_rows, columns=plan.text_columns)
+        ]
+        yield shard_to_arrow(position, windows)
 
 
-class _InferenceActor:
-    """Stage 2 (a Ray actor): one onnxruntime session, loaded once, runs window after window."""
+class _ShardWriterActor:
+    """Stage 2 (a Ray actor): one onnxruntime session, loaded once, computes and writes shard after shard."""
 
-    def __init__(self, plan: WindowPlan, model_path: Path, workers: WorkerPlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: WindowPlan, model_path: Path, output: Path, files: list[InputFile], shards: list[Shard], workers: WorkerPlan) -> None:
+        self.plan, self.output, self.files, self.shards = plan, output, files, shards
         # Ray hands a task's exception back to the driver as itself, but (in some versions) a
-        # constructor's only as text: a worker that cannot load its model fails its first window.
+        # constructor's only as text: a worker that cannot load its model fails its first shard.
         self.failure: WorkerError | None = None
         try:
             model_dir = open_model_dir(model_path)  # on this node: the model must be on shared storage
@@ -250,9 +267,35 @@ class _InferenceActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.failure is not None:
             raise self.failure
-        windows: list[PreparedWindow] = [pickle.loads(cell) for cell in batch.column(WINDOW_COLUMN).to_pylist()]
-        return _cells([compute_window(self.plan, self.model, window) for window in windows])
+        return records_to_table([self._write_shard(batch.slice(row, 1)) for row in range(batch.num_rows)])
 
-
-def _cells(items: Sequence[object]) -> pa.Table:
-    return pa.table({WINDOW_COLUMN: pa.array([pickle.dumps(item, protocol=5) for item in items], pa.large_binary())})
+    def _write_shard(self, tokenized: pa.Table) -> ShardRecord:
+        position, window_rows, windows = shard_from_arrow(tokenized)
+        shard = self.shards[position]
+        writer = AttemptWriter(self.output, shard.name)
+        rows_read = error_rows = truncated_rows = token_count = 0
+        # The next window's rows are read while this one runs (pyarrow releases the GIL).
+        input_file = self.files[shard.file_index]
+        tables = in_background(read_shard(input_file, shard, self.plan.window_rows), depth=1, name="bertbatch-read")
+        try:
+            for index, window in enumerate(windows):
+                table = next(tables, None)
+                if table is None or table.num_rows != window_rows[index]:
+                    raise EngineError(
+                        f"{input_file.path}: window {index} of {shard.name} read {table.num_rows if table else 0} rows, "
+                        f"the tokenizer {window_rows[index]}; did the input change during the job? Run again to resume"
+                    )
+                last = index == len(window_rows) - 1
+                prepared = batch_window(self.plan, shard, index, table, window.tokens, window.unreadable, last_of_shard=last)
+                computed = compute_window(self.plan, self.model, prepared)
+                writer.write(computed.table)
+                error_rows += computed.error_rows
+                truncated_rows += computed.truncated_rows
+                token_count += computed.tokens
+                rows_read += computed.rows_read
+            return writer.seal(rows_read=rows_read, error_rows=error_rows, truncated_rows=truncated_rows, tokens=token_count)
+        except BaseException:
+            writer.abort()  # never leave a half-written attempt behind when the failure is ours
+            raise
+        finally:
+            tables.close()

@@ -152,15 +152,18 @@ def column_texts(column: pa.Array) -> tuple[list[str | None], list[int]]:
 WINDOW_BYTES = 64 * 1024 * 1024
 
 
-def read_shard(input_file: InputFile, shard: Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream a shard's rows as record batches of at most ``batch_rows`` rows and about ``WINDOW_BYTES``."""
+def read_shard(
+    input_file: InputFile, shard: Shard, batch_rows: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a shard's rows (all columns, or only ``columns``) as record batches of at most ``batch_rows``
+    rows and about ``WINDOW_BYTES``. The windows do not depend on ``columns``: the size is the whole row's."""
     try:
         parquet = pq.ParquetFile(input_file.path)
         groups = [parquet.metadata.row_group(group) for group in shard.row_groups]
         rows, size = sum(group.num_rows for group in groups), sum(group.total_byte_size for group in groups)
         if rows and size > WINDOW_BYTES:
             batch_rows = max(1, min(batch_rows, WINDOW_BYTES * rows // size))
-        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(shard.row_groups)):
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(shard.row_groups), columns=columns):
             if batch.num_rows:
                 yield batch
     except (OSError, pa.ArrowException) as error:

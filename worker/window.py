@@ -164,6 +164,16 @@ def prepare_window(
     plan: WindowPlan, tokenizer: object, shard: Shard, index: int, table: pa.RecordBatch, last_of_shard: bool
 ) -> PreparedWindow:
     """Tokenize a window's text (and pair) column, plan its batches (length-sorted, by rows and tokens) and pad them."""
+    tokens, unreadable = tokenize_table(plan, tokenizer, table)
+    return batch_window(plan, shard, index, table, tokens, unreadable, last_of_shard)
+
+
+def tokenize_table(plan: WindowPlan, tokenizer: object, table: pa.RecordBatch) -> tuple[TokenizedRows, dict[int, str]]:
+    """Tokenize a window's text (and pair) column into its model units (rows, or chunks of rows);
+    also returns unit -> note for text that is not UTF-8.
+
+    ``table`` needs only the text columns (the Ray engine tokenizes where it has read no other).
+    """
     unreadable: dict[int, str] = {}
     texts, invalid = column_texts(table.column(plan.text_column))
     unreadable.update((row, f"invalid UTF-8 in column {plan.text_column!r}") for row in invalid)
@@ -176,6 +186,19 @@ def prepare_window(
         # Units are chunks: an unreadable (null) row is one unit, its first.
         first_unit = np.searchsorted(chunks.row, np.arange(table.num_rows))
         unreadable = {int(first_unit[row]): note for row, note in unreadable.items()}
+    return tokens, unreadable
+
+
+def batch_window(
+    plan: WindowPlan,
+    shard: Shard,
+    index: int,
+    table: pa.RecordBatch,
+    tokens: TokenizedRows,
+    unreadable: dict[int, str],
+    last_of_shard: bool,
+) -> PreparedWindow:
+    """A tokenized window's batches, planned and padded: the window ready to run."""
     skip = plan.text.pooling_skip if plan.text is not None else None
     batches = [
         with_pooling_skip(batch, skip)

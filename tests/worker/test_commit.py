@@ -35,7 +35,7 @@ def written(output: Path, name: str, start: int, count: int, error_rows: int = 0
     writer = AttemptWriter(output, name)
     writer.write(rows(start, count // 2))
     writer.write(rows(start + count // 2, count - count // 2))
-    return writer.seal(error_rows=error_rows, truncated_rows=1, tokens=7 * count)
+    return writer.seal(rows_read=count, error_rows=error_rows, truncated_rows=1, tokens=7 * count)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +34,7 @@ from worker.config import RunConfig
 from worker.errors import DeviceUnavailable, ModelDirError, TooManyErrors, UsageError
 from worker.job import JobSummary, run_job
 from worker.jobstate import JOB_FILE, SUCCESS_FILE
-from worker.ray_engine import compute_on_ray
+from worker.ray_engine import write_on_ray
 from worker.runner import ModelDir, open_model_dir
 from worker.source import inspect_inputs, plan_shards
 
@@ -177,6 +178,16 @@ def test_ray_output_equals_the_local_engine_with_chunking_and_int8(
         assert json.loads(pq.read_schema(path).metadata[b"bertbatch.quantization"])["ranges"] == ranges[0]
 
 
+def test_mean_chunked_texts_on_ray_equal_the_local_engine(
+    ray_runtime: None, tmp_path: Path, small_inputs: Path, tiny_embed_export: ExportResult
+) -> None:
+    """--chunking: a window's units are chunks, not rows; they travel to the workers with their rows."""
+    config = job_config(tiny_embed_export.directory, small_inputs, tmp_path, chunking="mean", max_length=8, chunk_overlap=2)
+    local, on_ray = local_and_ray(config)
+    assert_same_output(tmp_path / "ray", tmp_path / "local")
+    assert (on_ray.rows, on_ray.tokens) == (local.rows, local.tokens)
+
+
 def test_a_job_finished_by_one_engine_is_complete_for_the_other(
     ray_runtime: None, tmp_path: Path, small_inputs: Path, tiny_embed_export: ExportResult
 ) -> None:
@@ -303,8 +314,8 @@ def test_a_node_that_cannot_see_the_model_fails_with_the_model_error(
     files = inspect_inputs(sorted(small_inputs.glob("*.parquet")), "text", None, "id")
     unseen = ModelDir(tmp_path / "not-on-this-node", model_dir.manifest)
     with pytest.raises(ModelDirError, match="not-on-this-node"):
-        with compute_on_ray(config, CheckedJob(unseen, 128, files), plan_shards(files, 40)) as (_, windows):
-            list(windows)
+        with write_on_ray(config, CheckedJob(unseen, 128, files), plan_shards(files, 40)) as (_, records):
+            list(records)
 
 
 def test_resources_the_cluster_lacks_are_refused_before_running(
@@ -333,3 +344,120 @@ def test_ray_options_are_checked_without_a_cluster(tmp_path: Path, small_inputs:
 def test_the_cli_imports_no_ray() -> None:
     code = "import sys, worker.cli, worker.job; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- Multi-node faults: workers write shards, the driver commits (worker.commit) --------------------
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def node_of(pid: int, cluster: Cluster) -> Any:
+    """The worker node whose raylet started process ``pid`` (a Ray worker process is its raylet's child)."""
+    raylets = {node.all_processes["raylet"][0].process.pid: node for node in cluster.worker_nodes}
+    while pid > 1 and pid not in raylets:
+        pid = parent_of(pid)
+    assert pid in raylets, "the process runs on no worker node"
+    return raylets[pid]
+
+
+def open_attempts(output: Path) -> dict[int, Path]:
+    """Inference actors that have a shard's attempt file open (are writing it): pid -> attempt file."""
+    writing = {}
+    for pid in inference_actor_pids():
+        try:
+            for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+                target = Path(os.readlink(descriptor))
+                if target.parent == output and target.name.startswith(".part-") and ".tmp-" in target.name:
+                    writing[pid] = target
+        except OSError:  # the process or the descriptor is gone meanwhile
+            continue
+    return writing
+
+
+def test_a_lost_node_is_survived_and_the_output_equals_the_local_engine(
+    ray_cluster: Cluster, ray_runtime: None, tmp_path: Path, long_inputs: Path, tiny_embed_export: ExportResult
+) -> None:
+    """The node holding the inference actor loses its raylet (and every process on it) mid-job."""
+    config = job_config(tiny_embed_export.directory, long_inputs, tmp_path)
+    run_job(replace(config, output=tmp_path / "local"))
+    output = tmp_path / "ray"
+    outcome: list[object] = []
+    # One actor, so the other node can take it over (an actor and a reading task on its two CPUs).
+    job = threading.Thread(target=lambda: outcome.append(_run_catching(replace(config, output=output, engine="ray", num_workers=1))))
+    job.start()
+    try:
+        wait_until(lambda: len(recorded_shards(output)) >= 2 and len(inference_actor_pids()) == 1, job.is_alive, "two recorded shards")
+        lost = node_of(min(inference_actor_pids()), ray_cluster)
+        ray_cluster.remove_node(lost, allow_graceful=False)
+        recorded_at_loss = len(recorded_shards(output))
+        job.join(timeout=300)
+    finally:
+        if len(ray_cluster.worker_nodes) < 2:  # the other tests' cluster: two worker nodes
+            ray_cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=OBJECT_STORE)
+            ray_cluster.wait_for_nodes()
+    assert not job.is_alive()
+    assert isinstance(outcome[0], JobSummary), outcome[0]
+    assert recorded_at_loss < 48, "the job was over before the node was lost"
+    assert outcome[0].shards_written == 48
+    assert_same_output(output, tmp_path / "local")
+
+
+def test_an_actor_killed_while_it_writes_leaves_no_partial_and_no_duplicate_shard(
+    ray_runtime: None, tmp_path: Path, long_inputs: Path, tiny_embed_export: ExportResult
+) -> None:
+    config = job_config(tiny_embed_export.directory, long_inputs, tmp_path)
+    run_job(replace(config, output=tmp_path / "local"))
+    output = tmp_path / "ray"
+    outcome: list[object] = []
+    job = threading.Thread(target=lambda: outcome.append(_run_catching(replace(config, output=output, engine="ray"))))
+    job.start()
+    try:
+        writing: dict[int, Path] = {}
+
+        def writing_a_shard() -> bool:
+            writing.update(open_attempts(output) if len(recorded_shards(output)) >= 2 else {})
+            return bool(writing)
+
+        wait_until(writing_a_shard, job.is_alive, "an actor writing a shard")
+        victim, attempt = next(iter(writing.items()))
+        os.kill(victim, signal.SIGKILL)
+        shard = attempt.name[1:].split(".tmp-")[0]
+        recorded_at_kill = recorded_shards(output)
+    finally:
+        job.join(timeout=300)
+    assert not job.is_alive()
+    assert isinstance(outcome[0], JobSummary), outcome[0]
+    assert shard not in recorded_at_kill and len(recorded_at_kill) < 48
+    assert not attempt.exists(), "the killed attempt's file is removed, never committed"
+    assert recorded_shards(output)[shard] == 50
+    assert_same_output(output, tmp_path / "local")  # the same files, hidden ones included: one copy of each shard
+
+
+def driver_costs(address: str, model: Path, inputs: Path, output: Path) -> dict[str, Any]:
+    """A driver process (benchmarks/ray_driver.py, as the BENCHMARKS.md row) runs the job and reports its own costs."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ray_driver.py"
+    command = [sys.executable, str(script), "--rows-per-shard", "500", "--num-workers", "2", "--measure-driver", address, str(model), str(inputs), str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_wide_rows_never_reach_the_driver(ray_runtime: None, tmp_path: Path, tiny_embed_export: ExportResult) -> None:
+    """50 KB passthrough rows: the driver receives a few hundred bytes per shard, and its peak RSS
+    stays flat from 300 to 3000 rows (15 MB to 150 MB of rows; shards of whole 1000-row groups)."""
+    from benchmarks.ray_driver import write_wide_inputs
+
+    address = ray.get_runtime_context().gcs_address
+    costs = {}
+    for rows in (300, 3000):
+        inputs = write_wide_inputs(tmp_path / f"wide-{rows}.parquet", rows, row_bytes=50_000)
+        costs[rows] = driver_costs(address, tiny_embed_export.directory, inputs, tmp_path / f"out-{rows}")
+        written = pq.read_table(tmp_path / f"out-{rows}")
+        assert written.num_rows == rows and written.column("blob")[rows - 1].as_py()[:8] == (rows - 1).to_bytes(8, "little")
+    small, large = costs[300], costs[3000]
+    assert (small["shards"], large["shards"]) == (1, 3)
+    for cost in (small, large):
+        assert cost["bytes_received_per_shard"] < 4096, cost
+    assert large["driver_peak_rss_mb"] - small["driver_peak_rss_mb"] < 64, costs
