@@ -14,14 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.architectures import ArchitectureSpec
+from exporter.architectures import ArchitectureSpec, architecture_for
 from exporter.errors import DeviceRequired, ExportError, OptimizationError, ValidationMismatch
+from exporter.onnx_files import has_external_data, lay_out_export
 from exporter.optimize import Quantization, encoder_shape, optimize_onnx, variant_precision
-from exporter.packing import check_packable, convert_to_packed_attention
-from exporter.source import ResolvedSource, load_model, load_tokenizer, resolve_source, tokenizer_max_length
+from exporter.packing import check_family_packable, check_packable, convert_to_packed_attention
+from exporter.source import ResolvedSource, load_config, load_model, load_tokenizer, resolve_source, tokenizer_max_length
 from exporter.tasks import INPUT_NAMES, TASK_SPECS, HeadSettings, TaskSpec, dynamic_axes, recorded_settings
+from exporter.tokenizer import check_same_ids, declared_special_tokens
 from exporter.validation import POOLING_MASK, prompt_pooling_mask
-from exporter.tokenizer import check_same_ids
 from exporter.validation import (
     SAMPLE_PAIRS,
     SAMPLE_TEXTS,
@@ -35,6 +36,7 @@ from exporter.validation import (
 from worker.atomic import commit_directory
 from worker.exit_codes import ExitCode
 from worker.modeldir.manifest import (
+    MODEL_DATA_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     Attention,
@@ -87,6 +89,8 @@ class ExportConfig:
     fp16: bool = False
     quantize: Quantization | None = None
     packed: bool = False
+    # Weights as ONNX external data (model.onnx.data) even below 2 GB; above, always.
+    external_data: bool = False
 
     @property
     def precision(self) -> Precision:
@@ -177,6 +181,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         raise OutputExists(f"{out}: already exists and is not empty; pass --overwrite to replace it")
     if config.packed:
         check_packable(config.layers, precision)
+        check_family_packable(architecture_for(load_config(resolve_source(config.source)).model_type, config.source))
         _require_cuda("--packed: packed attention runs on CUDA only, and an export is validated where it runs; "
                       "export on the GPU machine")
     resolved = resolve_source(config.source)
@@ -201,6 +206,8 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         loaded.head, settings, spec.task, staging / MODEL_FILE, output_names, config.opset, special.pad,
         input_names=input_names, example=example_rows(tokenizer, settings.mask_token_id if spec.masked_inputs else None),
     )
+    if lay_out_export(staging / MODEL_FILE, config.external_data):
+        log(f"weights written as ONNX external data ({MODEL_DATA_FILE})")
     tokenizer.save(str(staging / TOKENIZER_FILE))
     for name in _TOKENIZER_COMPANIONS:
         if (resolved.transformer_dir / name).is_file():
@@ -243,6 +250,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         default_prompt_name=st.default_prompt_name if st is not None and config.task == "embed" else None,
         include_prompt=POOLING_MASK not in input_names,
         **spec.manifest_fields(settings, model.config),
+        model_data_file=MODEL_DATA_FILE if has_external_data(staging / MODEL_FILE) else None,
     )
     write_manifest(staging, manifest)
     if not report.passed:
@@ -350,6 +358,7 @@ def special_tokens(tokenizer: Tokenizer, resolved: ResolvedSource) -> SpecialTok
                 value = value.get("content")
             if isinstance(value, str):
                 names[key] = value
+    names.update(declared_special_tokens(resolved.transformer_dir, resolved.given))
     ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
     cls_id, sep_id, pad_id = ids["cls"], ids["sep"], ids["pad"]
     if cls_id is None or sep_id is None or pad_id is None:

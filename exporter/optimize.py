@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from exporter.errors import ExportError, OptimizationError
-from worker.atomic import atomic_path, commit
+from exporter.onnx_files import has_external_data, save_graph
+from worker.atomic import commit
 from worker.modeldir.manifest import Layers, Precision
 from worker.modeldir.session import create_session
 
@@ -222,7 +223,8 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
         source, target = Path(scratch) / "input.onnx", Path(scratch) / model_path.name
         prepared = onnx.load(str(model_path))
         _transpose_tied_gemm_weights(prepared.graph)
-        onnx.save_model(prepared, str(source))
+        external = has_external_data(model_path)
+        onnx.save_model(prepared, str(source), save_as_external_data=external, location="input.onnx.data")
         try:
             quantize_dynamic(
                 source,
@@ -234,6 +236,7 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
                 weight_type=QuantType.QInt8,
                 # Fused ops (com.microsoft) defeat ONNX shape inference; their outputs are float.
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+                use_external_data_format=external,
             )
         except Exception as error:
             raise OptimizationError(f"{model_path}: int8 quantization failed: {type(error).__name__}: {error}") from error
@@ -245,7 +248,10 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
                 "expected all"
             )
         _check_interface(before, after, "int8 quantization")
-        commit(target, model_path)  # the scratch directory is beside the model: same file system
+        if external:
+            save_graph(after, model_path)  # gathers the quantized weights into the model's own data file
+        else:
+            commit(target, model_path)  # the scratch directory is beside the model: same file system
     return {
         "method": "dynamic",
         "tool": f"onnxruntime.quantization.quantize_dynamic {_onnxruntime_version()}",
@@ -318,10 +324,8 @@ def _check_interface(before: ModelProto, after: ModelProto, step: str) -> None:
 
 
 def save_over(model: ModelProto, model_path: Path) -> None:
-    import onnx
-
-    with atomic_path(model_path) as temporary:
-        onnx.save_model(model, str(temporary))
+    """Replace the graph, keeping (or, past 2 GB, starting) its external data file."""
+    save_graph(model, model_path)
 
 
 def _drop_duplicate_nodes(graph: GraphProto) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.architectures import ArchitectureSpec
 from exporter.errors import ExportError, OptimizationError
 from exporter.optimize import save_over
 from worker.modeldir.manifest import Layers
@@ -42,6 +43,16 @@ def check_packable(layers: Layers, precision: str) -> None:
     if layers != "last":
         raise ExportError(
             f"--packed needs --layers last: the head reads {layers} hidden states, which packing leaves without padding"
+        )
+
+
+def check_family_packable(architecture: ArchitectureSpec) -> None:
+    """Packing rewrites the fused Attention of every layer: a family whose attention cannot fuse has none."""
+    if architecture.not_fusable:
+        raise ExportError(
+            f"--packed: {architecture.model_type} cannot be packed: its attention does not fuse "
+            f"({architecture.not_fusable}), and packing replaces the fused attention. "
+            "Use --optimize or --fp16 (partly fused) instead"
         )
 
 

@@ -11,6 +11,7 @@ checked to give the same ids as the checkpoint's own transformers tokenizer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
+@functools.lru_cache(maxsize=4)
 def load_transformers_tokenizer(directory: Path, source: str) -> Any:
+    """The checkpoint's own transformers tokenizer (read only: it is shared between callers)."""
     from transformers import AutoTokenizer
 
     try:
@@ -64,3 +67,15 @@ def check_same_ids(
                 "from transformers. Report the checkpoint."
             )
     return len(items)
+
+
+def declared_special_tokens(directory: Path, source: str) -> dict[str, str]:
+    """The special tokens as the checkpoint's transformers tokenizer knows them: its files, else its class's
+    defaults (``<s>``/``</s>``/``<mask>`` for XLM-R, which slow-only checkpoints often leave undeclared)."""
+    tokenizer = load_transformers_tokenizer(directory, source)
+    names = {}
+    for key in ("cls", "sep", "pad", "mask", "unk"):
+        value = getattr(tokenizer, f"{key}_token", None)
+        if isinstance(value, str):
+            names[key] = value
+    return names

@@ -112,6 +112,7 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and compute for GPUs (float32 inputs/outputs kept); implies --optimize.")] = False,
     quantize: Annotated[Optional[Literal["int8"]], typer.Option(help="int8: dynamic quantization for CPUs; implies --optimize.")] = None,
     packed: Annotated[bool, typer.Option("--packed", help="Padding-free attention (onnxruntime packing mode) for GPUs: runs, and is validated, on CUDA only; implies --optimize.")] = False,
+    external_data: Annotated[bool, typer.Option("--external-data", help="Write the weights as ONNX external data (model.onnx.data beside model.onnx); automatic past 2 GB.")] = False,
     min_cosine: Annotated[Optional[float], typer.Option(help="fp16/int8 validation: lowest cosine allowed for any vector.")] = None,
     min_mean_cosine: Annotated[Optional[float], typer.Option(help="int8 validation: lowest mean cosine allowed for the embeddings.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model directory.")] = False,
@@ -137,6 +138,7 @@ def export(
             fp16=fp16,
             quantize=quantize,
             packed=packed,
+            external_data=external_data,
         )
         export_model(with_tolerances(config, atol, rtol, min_cosine, min_mean_cosine), log=_stderr)
 

@@ -33,7 +33,7 @@ def check_confined(config: RunConfig, roots: Sequence[Path]) -> None:
     for path in resolve_inputs(config.input):
         _check_path("--input", path, resolved_roots)
     model_dir = open_model_dir(config.model_dir)
-    for path in (model_dir.model_file, model_dir.tokenizer_file):
+    for path in (*model_dir.model_files, model_dir.tokenizer_file):
         _check_path("--model", path, resolved_roots)
 
 

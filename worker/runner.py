@@ -31,6 +31,12 @@ class ModelDir:
     def tokenizer_file(self) -> Path:
         return self.path / self.manifest.tokenizer_file
 
+    @property
+    def model_files(self) -> list[Path]:
+        """The graph and, for a graph past 2 GB, its external data file: what the model's identity covers."""
+        data = [] if self.manifest.model_data_file is None else [self.path / self.manifest.model_data_file]
+        return [self.model_file, *data]
+
 
 def open_model_dir(path: Path) -> ModelDir:
     """Read and check a model directory written by ``bertbatch export``."""
@@ -43,7 +49,7 @@ def open_model_dir(path: Path) -> ModelDir:
     if not manifest.validated:
         raise ModelDirError(f"{path}: this export did not pass validation against PyTorch; re-export it")
     model_dir = ModelDir(path, manifest)
-    for required in (model_dir.model_file, model_dir.tokenizer_file):
+    for required in (*model_dir.model_files, model_dir.tokenizer_file):
         if not required.is_file():
             raise ModelDirError(f"{path}: {required.name} is missing")
     return model_dir

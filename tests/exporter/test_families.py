@@ -202,3 +202,90 @@ def test_optimize_fuses_what_applies_and_still_matches_pytorch(family: str, fami
     else:
         assert attention == 0 and optimization["attention"] == f"not fused: {spec.not_fusable}"
     assert_matches_pytorch(result, family_checkpoint(family_cache, family, "embed"), "embed", tmp_path)
+
+
+# The fused families with EmbedLayerNormalization (BERT's own graph is covered by test_packing_reference.py).
+# RoBERTa-style graphs pack too (their conversion is checked in the test below), but onnx's ReferenceEvaluator
+# cannot run their embeddings (GatherElements over the buffered token types), so their packed numbers
+# are not checked on a CPU.
+PACKABLE_FAMILIES = ("distilbert", "electra")
+
+
+@pytest.mark.parametrize("family", ("roberta", "xlm-roberta", "camembert"))
+def test_packed_conversion_of_roberta_style_graphs_covers_the_encoder(family: str, family_cache: _Cache, tmp_path: Path) -> None:
+    import shutil
+
+    from exporter.packing import convert_to_packed_attention
+
+    result = family_export(family_cache, family, "embed", optimize=True)
+    packed = tmp_path / "packed.onnx"
+    shutil.copyfile(result.directory / result.manifest.model_file, packed)
+    # check_packed_graph inside: padding removed once, every attention packed, no head reads packed tokens.
+    assert convert_to_packed_attention(packed, 2)["operators"] == {"RemovePadding": 1, "PackedAttention": 2, "RestorePadding": 1}
+
+
+@pytest.mark.parametrize("family", PACKABLE_FAMILIES)
+def test_packed_conversion_of_a_fused_family_keeps_the_numbers_on_the_cpu_reference(
+    family: str, family_cache: _Cache, tmp_path: Path
+) -> None:
+    """--packed exports on CUDA only; here the packing rewrite of each fused family's graph is checked on CPU:
+    the packed graph in numpy reference operators gives what onnxruntime gives for the fused graph."""
+    import shutil
+
+    from contrib_reference import evaluate, reference_evaluator
+    from test_packing_reference import assert_outputs_match, onnxruntime_cpu, perturb_weights, worker_batches
+
+    from exporter.packing import convert_to_packed_attention
+
+    result = family_export(family_cache, family, "embed", optimize=True)
+    fused, packed = tmp_path / "fused.onnx", tmp_path / "packed.onnx"
+    perturb_weights(result.directory / result.manifest.model_file, fused)
+    shutil.copyfile(fused, packed)
+    counts = convert_to_packed_attention(packed, 2)["operators"]
+    assert counts == {"RemovePadding": 1, "PackedAttention": 2, "RestorePadding": 1}
+
+    feeds = [{name: feed[name] for name in result.manifest.inputs} for feed in worker_batches(result.directory)]
+    names, expected = onnxruntime_cpu(fused, feeds)
+    evaluator = reference_evaluator(packed)
+    for feed, wanted in zip(feeds, expected):
+        assert_outputs_match(names, evaluate(evaluator, feed), wanted, 1e-4, f"{family} {feed['input_ids'].shape}")
+
+
+@pytest.mark.parametrize("family", sorted(name for name, spec in ARCHITECTURES.items() if spec.not_fusable))
+def test_packed_is_refused_for_a_family_whose_attention_does_not_fuse(family: str, family_cache: _Cache) -> None:
+    from exporter.errors import ExportError
+
+    checkpoint = family_checkpoint(family_cache, family, "embed")
+    out = family_cache.root / "refused" / family
+    with pytest.raises(ExportError, match=rf"--packed: {family} cannot be packed: its attention does not fuse \("):
+        export_model(ExportConfig(source=str(checkpoint), task="embed", out=out, packed=True), log=lambda line: None)
+    assert not out.exists()
+
+
+# Fused and unfused attention, both reduced precisions (README's table has every family, measured the same way).
+REDUCED_PRECISION = [("roberta", "fp16"), ("xlm-roberta", "int8"), ("distilbert", "int8"), ("electra", "fp16"),
+                     ("mpnet", "fp16"), ("deberta-v2", "int8"), ("modernbert", "fp16"), ("modernbert", "int8")]
+
+
+@pytest.mark.parametrize(("family", "precision"), REDUCED_PRECISION)
+def test_reduced_precision_variants_export_and_validate(family: str, precision: str, family_cache: _Cache) -> None:
+    options: dict[str, Any] = {"fp16": True} if precision == "fp16" else {"quantize": "int8"}
+    result = family_export(family_cache, family, "embed", **options)
+    assert result.report.passed and result.manifest.precision == precision
+    stats = result.report.outputs["embedding"]
+    assert stats.min_cosine is not None and stats.min_cosine >= (0.999 if precision == "fp16" else 0.9)
+    record = result.manifest.optimization
+    assert ("float16" if precision == "fp16" else "quantization") in record
+    assert record["attention"] == ("fused in every layer" if family in FUSED_FAMILIES else f"not fused: {ARCHITECTURES[family].not_fusable}")
+
+
+def test_a_pooler_with_random_weights_is_refused(family_cache: _Cache) -> None:
+    """AutoModel on a masked-LM checkpoint (roberta-base ships as one) initialises the pooler randomly."""
+    from exporter.errors import ExportError
+
+    checkpoint = family_checkpoint(family_cache, "roberta", "fill-mask")
+    with pytest.raises(ExportError, match="--pooling pooler: this checkpoint has no pooler layer; use mean or cls"):
+        export_model(ExportConfig(source=str(checkpoint), task="embed", out=family_cache.root / "no-pooler", pooling="pooler"),
+                     log=lambda line: None)
+    pooled = family_export(family_cache, "roberta", "embed", pooling="pooler")  # a base checkpoint has its pooler
+    assert pooled.report.passed and pooled.manifest.pooling == "pooler"

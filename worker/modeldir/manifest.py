@@ -17,6 +17,8 @@ from worker.atomic import write_text_atomic
 MANIFEST_NAME = "bertbatch.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+# The weights of a graph past protobuf's 2 GB limit, as ONNX external data beside model.onnx.
+MODEL_DATA_FILE = "model.onnx.data"
 FORMAT_VERSION = 1
 
 Task = Literal["embed", "fill-mask", "classify"]
@@ -72,6 +74,8 @@ class Manifest:
     # Pooling's ``include_prompt``: when False the prompt's tokens are left out of mean pooling,
     # and the graph has a ``pooling_mask`` input (the tokens to pool) next to the attention mask.
     include_prompt: bool = True
+    # ONNX external data (the weights of a graph past 2 GB), inside the model directory; None: all in model_file.
+    model_data_file: str | None = None
 
     @property
     def validated(self) -> bool:
