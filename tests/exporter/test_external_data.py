@@ -84,3 +84,16 @@ def test_per_tensor_external_files_are_gathered_into_one(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL_FILE, MODEL_DATA_FILE]
     loaded = onnx.load(str(path))
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), numpy_helper.to_array(weight))
+
+
+def test_the_cli_writes_external_data_when_asked(external_cache: _Cache, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+    from worker.modeldir.manifest import read_manifest
+
+    checkpoint = family_checkpoint(external_cache, "roberta", "embed")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "--task", "embed", "--out", str(out), "--external-data"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out).model_data_file == MODEL_DATA_FILE and (out / MODEL_DATA_FILE).is_file()
