@@ -8,8 +8,8 @@ The output-committer pattern of Hadoop and Spark, with one rename per shard:
    ``ShardRecord`` (name, attempt, counts, size, checksum; a few hundred bytes) and nothing else.
 2. The driver commits, one shard at a time, in whatever order the records come:
    ``commit_attempt`` checks that the attempt file is there with the size the record gives,
-   renames it over the shard's name and fsyncs the directory; the caller then records the
-   shard in the job file. Only the driver renames, so two attempts of a shard (a worker retried
+   renames it over the shard's name and fsyncs the directory, then records the shard (and its
+   checksum) in the job file. Only the driver renames, so two attempts of a shard (a worker retried
    after it wrote, or a straggler) can never both land: the second record is discarded with
    its file (``discard_attempt``).
 3. An attempt whose worker died leaves only its hidden file. The temporaries have the
@@ -173,7 +173,7 @@ def commit_shards(
             ready = waiting.pop(name)
             admit(ready)
             commit_attempt(state.output, ready)
-            state.record(ready.shard, ready.rows)
+            state.record(ready.shard, ready.rows, ready.checksum)
             committed.add(ready.shard)
             yield ready
     if len(committed) != len(shards):

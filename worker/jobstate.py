@@ -109,19 +109,27 @@ class JobState:
     clear_first: bool = False  # --overwrite of a different job: cleared by ``begin``
     # int8/uint8 embedding ranges ((mins), (maxs)), decided when the job first ran: a resumed job reuses them.
     ranges: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # shard name -> "sha256:<hex>" of its file, for the shards the Ray engine's workers wrote (worker.commit).
+    checksums: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         target = self.output / JOB_FILE
         record: dict[str, Any] = {"version": 1, "identity": self.identity, "completed": self.completed, "output": str(self.output)}
         if self.ranges is not None:
             record["embedding_ranges"] = [list(self.ranges[0]), list(self.ranges[1])]
+        if self.checksums:
+            record["checksums"] = self.checksums
         try:
             write_text_atomic(target, json.dumps(record, indent=1, sort_keys=True))
         except OSError as error:
             raise OutputError(f"{target}: cannot save the job file: {error}") from error
 
-    def record(self, shard_name: str, rows: int) -> None:
+    def record(self, shard_name: str, rows: int, checksum: str | None = None) -> None:
         self.completed[shard_name] = rows
+        if checksum is not None:
+            self.checksums[shard_name] = checksum
+        else:  # written again without one: an older checksum no longer describes the file
+            self.checksums.pop(shard_name, None)
         self.save()
 
     @property
@@ -198,7 +206,8 @@ def open_job(output: Path, identity: dict[str, Any], overwrite: bool) -> JobStat
             completed = {name: rows for name, rows in previous.get("completed", {}).items() if (output / name).is_file()}
             stored = previous.get("embedding_ranges")
             ranges = (tuple(stored[0]), tuple(stored[1])) if stored else None
-            return JobState(output, identity, completed, ranges=ranges)
+            checksums = {name: value for name, value in previous.get("checksums", {}).items() if name in completed}
+            return JobState(output, identity, completed, ranges=ranges, checksums=checksums)
         if not overwrite:
             changed = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
             raise OutputConflict(

@@ -152,3 +152,15 @@ def test_a_missing_shard_or_a_shard_of_another_run_is_an_engine_error(state: Job
         list(commit_shards(state, iter([written(out, NAMES[0], 0, 5)]), NAMES[:2], in_order=False, admit=never_stop))
     with pytest.raises(EngineError, match="which this run does not write"):
         list(commit_shards(state, iter([written(out, NAMES[2], 0, 5)]), NAMES[:2], in_order=False, admit=never_stop))
+
+
+def test_the_job_file_keeps_each_committed_shards_checksum_across_a_resume(state: JobState) -> None:
+    out = state.output
+    records = [written(out, NAMES[0], 0, 5), written(out, NAMES[1], 5, 4)]
+    list(commit_shards(state, iter(records), NAMES[:2], in_order=False, admit=never_stop))
+    stored = json.loads((out / JOB_FILE).read_text())["checksums"]
+    assert stored == {name: "sha256:" + hashlib.sha256((out / name).read_bytes()).hexdigest() for name in NAMES[:2]}
+    resumed = open_job(out, {"job": 1}, overwrite=False)
+    assert resumed.checksums == stored
+    resumed.record(NAMES[0], 5)  # written again by the local engine, which keeps no checksum
+    assert json.loads((out / JOB_FILE).read_text())["checksums"] == {NAMES[1]: stored[NAMES[1]]}
