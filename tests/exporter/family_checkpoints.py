@@ -141,9 +141,10 @@ def save_family_checkpoint(directory: Path, model_type: str, task: str, initiali
     family = FAMILIES[model_type]
     tokenizer = family_tokenizer(family)
     settings: dict[str, Any] = {**family.config, "vocab_size": len(tokenizer), "initializer_range": initializer_range}
-    for name in ("pad", "cls", "sep", "bos", "eos"):
+    # The config's special ids are the tokenizer's (RoBERTa-style positions start after pad_token_id).
+    for name in ("cls", "sep", "bos", "eos"):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
-        if token_id is not None and name in ("pad", "cls", "sep", "bos", "eos") and (name != "pad" or True):
+        if token_id is not None:
             settings.setdefault(f"{name}_token_id", token_id)
     settings["pad_token_id"] = tokenizer.pad_token_id
     if task == "classify":
