@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Literal
 
 from exporter.errors import ExportError, SourceError
+from worker.modeldir.manifest import Activation
 
-Activation = Literal["softmax", "sigmoid", "none"]
 ActivationChoice = Literal["auto", "softmax", "sigmoid", "none"]
 ACTIVATION_CHOICES: tuple[ActivationChoice, ...] = ("auto", "softmax", "sigmoid", "none")
 

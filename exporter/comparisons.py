@@ -68,7 +68,8 @@ def vectors(expected: np.ndarray, got: np.ndarray, case: CaseOutputs, tolerances
 
 
 def probabilities(expected: np.ndarray, got: np.ndarray, case: CaseOutputs, tolerances: Tolerances) -> OutputStats:
-    """Element-wise in float32; at reduced precision within ``atol``, with the same top-1 label except near-ties."""
+    """Element-wise in float32; at reduced precision within ``atol`` (times the row's largest |score| for raw
+    scores above 1: ``logits``), with the same top-1 label except near-ties."""
     return _numeric(expected, got, tolerances, _by_top_label)
 
 
@@ -130,10 +131,14 @@ def _by_cosine(
 def _by_top_label(
     expected: np.ndarray, got: np.ndarray, difference: np.ndarray, max_abs: float, max_rel: float, tolerances: Tolerances
 ) -> OutputStats:
+    # Raw scores (logits, or the probs of a head without activation) live on the logits' scale:
+    # there the absolute tolerance counts per unit of the row's largest |score|. Probabilities have scale 1.
+    scale = np.maximum(1.0, np.abs(expected).max(axis=-1, initial=0.0))
     top1_differs = expected.argmax(-1) != got.argmax(-1)
     sorted_probs = np.sort(expected, axis=-1)
     margin = sorted_probs[..., -1] - (sorted_probs[..., -2] if expected.shape[-1] > 1 else 0.0)
-    mismatches = int((top1_differs & (margin > 2 * tolerances.atol)).sum()) + int((difference > tolerances.atol).any(-1).sum())
+    beyond = (difference > tolerances.atol * scale[..., None]).any(-1)
+    mismatches = int((top1_differs & (margin > 2 * tolerances.atol * scale)).sum()) + int(beyond.sum())
     return OutputStats(max_abs, max_rel, None, mismatches)
 
 

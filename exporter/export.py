@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.activation import ActivationChoice, ActivationDecision, choose_activation, declared_activation
 from exporter.architectures import ArchitectureSpec, architecture_for
 from exporter.errors import DeviceRequired, ExportError, OptimizationError, ValidationMismatch
 from exporter.onnx_files import has_external_data, lay_out_export
@@ -91,6 +92,7 @@ class ExportConfig:
     packed: bool = False
     # Weights as ONNX external data (model.onnx.data) even below 2 GB; above, always.
     external_data: bool = False
+    activation: ActivationChoice = "auto"  # classify: auto follows the checkpoint (exporter/activation.py)
 
     @property
     def precision(self) -> Precision:
@@ -184,9 +186,14 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         check_family_packable(architecture_for(load_config(resolve_source(config.source)).model_type, config.source))
         _require_cuda("--packed: packed attention runs on CUDA only, and an export is validated where it runs; "
                       "export on the GPU machine")
+    if config.activation != "auto" and config.task != "classify":
+        raise ExportError(f"--activation applies to --task classify, not {config.task}")
     resolved = resolve_source(config.source)
     log(f"loading {config.source} for task {config.task}")
-    loaded = load_head(resolved, config.task, lambda resolved, special: _head_settings(config, resolved, special))
+    activation = _classify_activation(config, resolved) if config.task == "classify" else None
+    if activation is not None:
+        log(f"classify activation: {activation.activation} ({activation.reason})")
+    loaded = load_head(resolved, config.task, lambda resolved, special: _head_settings(config, resolved, special, activation))
     model, architecture, tokenizer = loaded.model, loaded.architecture, loaded.tokenizer
     special, settings, spec = loaded.special, loaded.settings, loaded.spec
     checked = check_same_ids(tokenizer, resolved.transformer_dir, config.source, SAMPLE_TEXTS, SAMPLE_PAIRS)
@@ -249,6 +256,7 @@ def export_model(config: ExportConfig, log: Callable[[str], None] = print) -> Ex
         prompts=dict(st.prompts) if st is not None and config.task == "embed" else {},
         default_prompt_name=st.default_prompt_name if st is not None and config.task == "embed" else None,
         include_prompt=POOLING_MASK not in input_names,
+        subword_prefix=_subword_prefix(tokenizer) if config.task == "token-classify" else None,
         **spec.manifest_fields(settings, model.config),
         model_data_file=MODEL_DATA_FILE if has_external_data(staging / MODEL_FILE) else None,
     )
@@ -367,7 +375,29 @@ def special_tokens(tokenizer: Tokenizer, resolved: ResolvedSource) -> SpecialTok
     return SpecialTokens(cls=cls_id, sep=sep_id, pad=pad_id, mask=ids["mask"], unk=ids["unk"])
 
 
-def _head_settings(config: ExportConfig, resolved: ResolvedSource, special: SpecialTokens) -> HeadSettings:
+def _classify_activation(config: ExportConfig, resolved: ResolvedSource) -> ActivationDecision:
+    model_config = load_config(resolved)
+    folders = [resolved.transformer_dir]
+    if (resolved.transformer_dir.parent / "modules.json").is_file():  # a Transformer module in a subfolder
+        folders.append(resolved.transformer_dir.parent)
+    return choose_activation(
+        int(model_config.num_labels),
+        getattr(model_config, "problem_type", None),
+        declared_activation(folders),
+        config.activation,
+        source=config.source,
+    )
+
+
+def _subword_prefix(tokenizer: Tokenizer) -> str | None:
+    # What transformers' token-classification pipeline reads to tell word starts from word pieces.
+    prefix = getattr(tokenizer.model, "continuing_subword_prefix", None)
+    return str(prefix) if prefix else None
+
+
+def _head_settings(
+    config: ExportConfig, resolved: ResolvedSource, special: SpecialTokens, activation: ActivationDecision | None = None
+) -> HeadSettings:
     st = resolved.sentence_transformers
     return HeadSettings(
         pooling=config.pooling or (st.pooling if st else HeadSettings.pooling),
@@ -376,6 +406,7 @@ def _head_settings(config: ExportConfig, resolved: ResolvedSource, special: Spec
         token_embeddings=config.token_embeddings,
         top_k=config.top_k,
         mask_token_id=special.mask,
+        activation=activation.activation if activation is not None else HeadSettings.activation,
     )
 
 

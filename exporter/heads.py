@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.modeldir.manifest import Layers, Pooling
+from worker.modeldir.manifest import Activation, Layers, Pooling
 
 
 def select_layers(hidden_states: tuple[torch.Tensor, ...], layers: Layers) -> torch.Tensor:
@@ -119,7 +119,34 @@ class FillMaskHead(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Sequence classifier + softmax: the graph emits probabilities."""
+    """Sequence classifier + its activation: the graph emits ``probs`` (activated) and ``logits`` (raw).
+
+    The activation runs on float32 logits: in a float16 graph the encoder is converted and this
+    head is not (exporter/optimize.py), so a half-precision sigmoid cannot saturate scores into ties.
+    """
+
+    def __init__(self, classifier: Any, activation: Activation) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.activation = activation
+        self.eval()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        logits = self.classifier(**encoder_inputs(input_ids, attention_mask, token_type_ids)).logits.float()
+        if self.activation == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+        elif self.activation == "sigmoid":
+            probs = torch.sigmoid(logits)
+        else:
+            probs = logits.clone()  # a separate graph output, not an alias of ``logits``
+        return probs, logits
+
+
+class TokenClassifierHead(nn.Module):
+    """Token classifier + softmax over the labels of each token: the graph emits ``token_probs``
+    (batch x sequence x labels); the worker reads the real tokens' rows and aggregates them."""
 
     def __init__(self, classifier: Any) -> None:
         super().__init__()
@@ -129,5 +156,5 @@ class ClassifierHead(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        logits = self.classifier(**encoder_inputs(input_ids, attention_mask, token_type_ids)).logits
+        logits = self.classifier(**encoder_inputs(input_ids, attention_mask, token_type_ids)).logits.float()
         return (torch.softmax(logits, dim=-1),)

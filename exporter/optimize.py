@@ -57,6 +57,7 @@ FLOAT16_OP_TYPES = frozenset(
 # Q/K/V quantized too 1.54x, 0.9838; with only V 1.37x, 0.9870 (BENCHMARKS.md).
 INT8_OP_TYPES = ("MatMul",)
 _QUANTIZED_MATMUL_OP_TYPES = ("MatMulInteger", "DynamicQuantizeMatMul")
+_ENCODER_CONSUMERS = frozenset({"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "LayerNormalization", "Attention"})
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,11 @@ def convert_to_float16(model_path: Path, attention_fused: bool = True) -> dict[s
     if attention_fused and not present & {"Attention", "MultiHeadAttention"}:
         raise OptimizationError(f"{model_path}: float16 conversion expects the fused graph; fuse it first")
     kept_float32 = sorted(present - FLOAT16_OP_TYPES)
+    encoder = {node.name for node in encoder_matmuls(before.graph)}
+    head_matmuls = [n.name for n in before.graph.node if n.op_type == "MatMul" and n.name and n.name not in encoder]
     model = OnnxModel(onnx.load(str(model_path)))
     try:
-        model.convert_float_to_float16(keep_io_types=True, op_block_list=kept_float32)
+        model.convert_float_to_float16(keep_io_types=True, op_block_list=kept_float32, node_block_list=head_matmuls)
     except Exception as error:  # the converter raises AssertionError, ValueError, ...
         raise OptimizationError(f"{model_path}: float16 conversion failed: {type(error).__name__}: {error}") from error
     # OnnxModel's conversion also removes the float32 -> float16 -> float32 Cast pairs
@@ -218,7 +221,7 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
 
     before = onnx.load(str(model_path))
     initializers = {t.name for t in before.graph.initializer}
-    candidates = [n.name for n in before.graph.node if n.op_type in INT8_OP_TYPES and n.input[1] in initializers]
+    candidates = [n.name for n in encoder_matmuls(before.graph) if n.input[1] in initializers]
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=model_path.parent) as scratch:
         source, target = Path(scratch) / "input.onnx", Path(scratch) / model_path.name
         prepared = onnx.load(str(model_path))
@@ -260,6 +263,19 @@ def quantize_to_int8(model_path: Path) -> dict[str, Any]:
         "activations": "uint8, asymmetric, per tensor, computed at run time",
         "quantized_matmuls": quantized,
     }
+
+
+def encoder_matmuls(graph: GraphProto) -> list[Any]:
+    """The encoder's MatMul nodes: each feeds a fused encoder operator (SkipLayerNormalization, BiasGelu).
+
+    A head's MatMul (the token classifier's projection over 3-D hidden states) feeds the head instead,
+    and stays float32 under float16 and int8 like the heads' Gemm.
+    """
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    return [node for node in graph.node if node.op_type == "MatMul" and consumers.get(node.output[0], set()) & _ENCODER_CONSUMERS]
 
 
 def _transpose_tied_gemm_weights(graph: GraphProto) -> None:

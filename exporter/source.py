@@ -152,6 +152,7 @@ def load_model(resolved: ResolvedSource, task: Task) -> tuple[Any, ArchitectureS
     config = load_config(resolved)
     architecture = architecture_for(config.model_type, resolved.given)
     spec = TASK_SPECS[task]
+    _refuse_other_classifier(resolved.given, task, getattr(config, "architectures", None) or [])
     model_class = getattr(transformers, spec.model_class)
     try:
         model, loading_info = model_class.from_pretrained(
@@ -178,6 +179,24 @@ def _tied_keys(model: Any) -> set[str]:
     # transformers 5: {tied weight: the weight it shares}; 4.x: a list of tied weights.
     tied = getattr(model, "_tied_weights_keys", None) or ()
     return set(tied)
+
+
+# Both heads are one ``classifier`` Linear(hidden, labels): the weights load either way, so the
+# checkpoint's declared architecture is what tells a sequence classifier from a token classifier.
+_CLASSIFIER_SUFFIXES = {"classify": "ForSequenceClassification", "token-classify": "ForTokenClassification"}
+
+
+def _refuse_other_classifier(source: str, task: Task, architectures: list[str]) -> None:
+    wanted = _CLASSIFIER_SUFFIXES.get(task)
+    others = [suffix for name, suffix in _CLASSIFIER_SUFFIXES.items() if name != task]
+    if wanted is None or any(name.endswith(wanted) for name in architectures):
+        return
+    declared = [name for name in architectures if name.endswith(tuple(others))]
+    if declared:
+        other_task = next(name for name, suffix in _CLASSIFIER_SUFFIXES.items() if declared[0].endswith(suffix))
+        raise SourceError(
+            f"{source}: is a {declared[0]} checkpoint, not a *{wanted} one; export it with --task {other_task}"
+        )
 
 
 def _refuse_missing_head(

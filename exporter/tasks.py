@@ -19,7 +19,7 @@ from exporter import comparisons
 from exporter.architectures import ArchitectureSpec
 from exporter.comparisons import Comparison
 from exporter.errors import ExportError
-from worker.modeldir.manifest import Layers, Manifest, Pooling, Task
+from worker.modeldir.manifest import Activation, Layers, Manifest, Pooling, Task
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +39,7 @@ class HeadSettings:
     token_embeddings: bool = False
     top_k: int = 5
     mask_token_id: int | None = None
+    activation: Activation = "softmax"  # classify; exporter/activation.py chooses it from the checkpoint
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,13 @@ def _build_fill_mask_head(model: Any, architecture: ArchitectureSpec, settings: 
 def _build_classifier_head(model: Any, architecture: ArchitectureSpec, settings: HeadSettings) -> nn.Module:
     from exporter.heads import ClassifierHead
 
-    return ClassifierHead(model)
+    return ClassifierHead(model, settings.activation)
+
+
+def _build_token_classifier_head(model: Any, architecture: ArchitectureSpec, settings: HeadSettings) -> nn.Module:
+    from exporter.heads import TokenClassifierHead
+
+    return TokenClassifierHead(model)
 
 
 def _embedding_manifest(settings: HeadSettings, model_config: Any) -> dict[str, Any]:
@@ -135,8 +142,12 @@ def _fill_mask_manifest(settings: HeadSettings, model_config: Any) -> dict[str, 
     return {"top_k": settings.top_k}
 
 
-def _classifier_manifest(settings: HeadSettings, model_config: Any) -> dict[str, Any]:
+def _labels_manifest(settings: HeadSettings, model_config: Any) -> dict[str, Any]:
     return {"id2label": {int(k): str(v) for k, v in model_config.id2label.items()}}
+
+
+def _classifier_manifest(settings: HeadSettings, model_config: Any) -> dict[str, Any]:
+    return {**_labels_manifest(settings, model_config), "activation": settings.activation}
 
 
 TASK_SPECS: dict[Task, TaskSpec] = {
@@ -171,13 +182,25 @@ TASK_SPECS: dict[Task, TaskSpec] = {
     "classify": TaskSpec(
         task="classify",
         model_class="AutoModelForSequenceClassification",
-        output_names=lambda settings: ("probs",),
-        output_axes={"probs": {0: "batch"}},
-        comparisons={"probs": comparisons.probabilities},
+        output_names=lambda settings: ("probs", "logits"),
+        output_axes={"probs": {0: "batch"}, "logits": {0: "batch"}},
+        comparisons={"probs": comparisons.probabilities, "logits": comparisons.probabilities},
         build_head=_build_classifier_head,
         manifest_fields=_classifier_manifest,
         head_weights=HeadWeights(
             lambda architecture: architecture.classifier_head_prefix, "a fine-tuned sequence classifier"
+        ),
+    ),
+    "token-classify": TaskSpec(
+        task="token-classify",
+        model_class="AutoModelForTokenClassification",
+        output_names=lambda settings: ("token_probs",),
+        output_axes={"token_probs": _BATCH_SEQUENCE},
+        comparisons={"token_probs": comparisons.at_valid_positions(comparisons.probabilities)},
+        build_head=_build_token_classifier_head,
+        manifest_fields=_labels_manifest,  # the export adds subword_prefix, a fact of the tokenizer
+        head_weights=HeadWeights(
+            lambda architecture: architecture.token_classifier_head_prefix, "a fine-tuned token classifier"
         ),
     ),
 }
@@ -193,6 +216,7 @@ def recorded_settings(manifest: Manifest) -> HeadSettings:
         token_embeddings=manifest.token_embeddings,
         top_k=manifest.top_k or defaults.top_k,
         mask_token_id=manifest.special_tokens.mask,
+        activation=manifest.activation or defaults.activation,  # exports before the field had softmax
     )
 
 

@@ -76,8 +76,8 @@ class Tolerances:
                     "mask_positions exact; top_ids equal except ties within the same tolerance")
         mean = "" if self.min_mean_cosine is None else f", and the embeddings' mean over all cases >= {self.min_mean_cosine:g}"
         return (f"embedding/token_embeddings: cosine with PyTorch >= {self.min_cosine:g} for every vector{mean}; "
-                f"probs: within atol {self.atol:g} and the same top-1 label unless PyTorch's top two are within "
-                f"{2 * self.atol:g}; top_scores within atol {self.atol:g} + rtol {self.rtol:g} x |PyTorch|; "
+                f"probs/token_probs/logits: within atol {self.atol:g} x max(1, the row's largest |PyTorch score|) "
+                f"and the same top-1 label unless PyTorch's top two are within twice that; top_scores within atol {self.atol:g} + rtol {self.rtol:g} x |PyTorch|; "
                 "top_ids equal except ties within atol; mask_positions exact")
 
 

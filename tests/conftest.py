@@ -255,3 +255,82 @@ def tiny_token_classifier_checkpoint(tmp_path_factory: pytest.TempPathFactory) -
         model.classifier.bias[0] += 2.0
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_token_classify_export(tmp_path_factory: pytest.TempPathFactory, tiny_token_classifier_checkpoint: Path) -> ExportResult:
+    return _export(tmp_path_factory, tiny_token_classifier_checkpoint, "token-classify")
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-label reranker saved through sentence-transformers' CrossEncoder, so its directory carries
+    the activation CrossEncoder.predict applies (config_sentence_transformers.json: Sigmoid)."""
+    from sentence_transformers import CrossEncoder
+
+    checkpoint = _save_tiny(tmp_path_factory.mktemp("tiny-ranker"), "BertForSequenceClassification", num_labels=1, initializer_range=0.2)
+    directory = tmp_path_factory.mktemp("tiny-cross-encoder")
+    CrossEncoder(str(checkpoint), device="cpu").save(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_multi_label_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    labels = {0: "toxic", 1: "insult", 2: "threat", 3: "spam"}
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-multi-label"),
+        "BertForSequenceClassification",
+        num_labels=len(labels),
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        problem_type="multi_label_classification",
+        initializer_range=0.2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_regression_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An STS-B-style regressor: one output, problem_type regression (scores are not probabilities)."""
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-regression"),
+        "BertForSequenceClassification",
+        num_labels=1,
+        problem_type="regression",
+        initializer_range=0.2,
+    )
+
+
+class TokenPipelineReference:
+    """Entities from transformers' own ``pipeline("token-classification")`` on a checkpoint, as
+    (label, score, start, end): the reference the worker's entities are held to."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self._pipelines: dict[tuple[str, int], Any] = {}
+
+    def token_count(self, text: str) -> int:
+        """Tokens of the row before any truncation, by transformers' tokenizer."""
+        import transformers
+
+        return len(transformers.AutoTokenizer.from_pretrained(self.checkpoint)(text)["input_ids"])
+
+    def entities(self, text: str, *, aggregation: str = "simple", max_length: int, stride: int | None = None,
+                 ignore_labels: list[str] | None = None) -> list[tuple[str, float, int, int]]:
+        import transformers
+
+        key = (aggregation, max_length)
+        if key not in self._pipelines:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self.checkpoint, model_max_length=max_length)
+            self._pipelines[key] = transformers.pipeline(
+                "token-classification", model=str(self.checkpoint), tokenizer=tokenizer, aggregation_strategy=aggregation
+            )
+        options: dict[str, Any] = {} if stride is None else {"stride": stride}
+        if ignore_labels is not None:
+            options["ignore_labels"] = ignore_labels
+        name = "entity" if aggregation == "none" else "entity_group"
+        return [(e[name], float(e["score"]), e["start"], e["end"]) for e in self._pipelines[key](text, **options)]
+
+
+@pytest.fixture(scope="session")
+def token_classify_reference(tiny_token_classifier_checkpoint: Path) -> TokenPipelineReference:
+    return TokenPipelineReference(tiny_token_classifier_checkpoint)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +33,9 @@ TEXTS: list[str | None] = ["i love kathmandu", None, "", "the river [MASK] past 
 # Per task: the export fixture, the reference fixture and the result columns.
 TASK_CASES = {
     "embed": ("tiny_embed_export", "embed_reference", ["embedding", "error"]),
-    "classify": ("tiny_decisive_classify_export", "classify_reference", ["label", "label_id", "score", "probs", "error"]),
+    "classify": ("tiny_decisive_classify_export", "classify_reference", ["label", "label_id", "score", "probs", "logits", "error"]),
     "fill-mask": ("tiny_fill_mask_export", "fill_mask_reference", ["fills", "error"]),
+    "token-classify": ("tiny_token_classify_export", "token_classify_reference", ["entities", "error"]),
 }
 
 
@@ -73,7 +75,7 @@ def test_every_task_has_a_cli_test() -> None:
 def test_run_writes_the_tasks_columns_with_pytorch_values(tmp_path: Path, request: pytest.FixtureRequest, task: str) -> None:
     export_fixture, reference_fixture, result_columns = TASK_CASES[task]
     export: ExportResult = request.getfixturevalue(export_fixture)
-    reference: TorchReference = request.getfixturevalue(reference_fixture)
+    reference: Any = request.getfixturevalue(reference_fixture)
     output = tmp_path / "out"
     result = invoke(*run_args(export.directory, write_input(tmp_path / "in.parquet"), output, "--id-column", "doc_id", "--batch-size", 2))
     assert result.exit_code == 0, result.output
@@ -101,9 +103,20 @@ def test_run_writes_the_tasks_columns_with_pytorch_values(tmp_path: Path, reques
             np.testing.assert_allclose(row["probs"], expected, atol=1e-5)
             assert (row["label_id"], row["label"]) == (int(np.argmax(expected)), LABELS[int(np.argmax(expected))])
             assert row["score"] == pytest.approx(float(np.max(expected)), abs=1e-5)
+            np.testing.assert_allclose(softmax(np.asarray(row["logits"])), expected, atol=1e-5)
+        elif task == "token-classify":
+            expected_entities = reference.entities(text, max_length=max_length)
+            assert [(e["label"], e["start"], e["end"]) for e in row["entities"]] == [(e[0], e[2], e[3]) for e in expected_entities]
+            np.testing.assert_allclose([e["score"] for e in row["entities"]], [e[1] for e in expected_entities], atol=1e-5)
+            assert all(e["text"] == text[e["start"] : e["end"]] for e in row["entities"])
         else:
             expected_fills = reference.fill_mask(text, max_length=max_length, top_k=export.manifest.top_k or 0)
             assert [[fill["token_id"] for fill in fills] for fills in row["fills"]] == [ids for ids, _ in expected_fills]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
 
 
 def test_run_top_k_and_max_length_options(tmp_path: Path, tiny_fill_mask_export: ExportResult, fill_mask_reference: TorchReference) -> None:

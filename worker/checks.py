@@ -66,11 +66,45 @@ def _check_options(config: RunConfig, model_dir: ModelDir) -> int:
         if not 1 <= config.top_k <= (manifest.top_k or 0):
             raise UsageError(f"--top-k must be between 1 and {manifest.top_k} (chosen at export), got {config.top_k}")
     plan_embedding_format(config, manifest)  # its usage errors before the inputs are read
+    _check_head_options(config, model_dir)
     if config.engine == "ray":
         _check_ray_options(config)
     elif config.ray_address is not None or config.gpus_per_worker is not None:
         raise UsageError("--ray-address and --gpus-per-worker apply to --engine ray")
     return config.max_length or manifest.max_length
+
+
+def _check_head_options(config: RunConfig, model_dir: ModelDir) -> None:
+    """The options that shape classify and token-classify results apply to those models only."""
+    manifest = model_dir.manifest
+    if config.threshold is not None:
+        if not manifest.multi_label:
+            raise UsageError(
+                f"--threshold applies to multi-label classify models; {model_dir.path} is a {manifest.task} model"
+                + (f" with a {manifest.activation} activation" if manifest.task == "classify" else "")
+            )
+        if not 0.0 <= config.threshold <= 1.0:
+            raise UsageError(f"--threshold must be between 0 and 1, got {config.threshold}")
+    token_options = {"--aggregation": config.aggregation, "--ignore-labels": config.ignore_labels, "--stride": config.stride}
+    given = [name for name, value in token_options.items() if value is not None]
+    if manifest.task != "token-classify":
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to token-classify models; {model_dir.path} is a {manifest.task} model")
+        return
+    if config.text_pair_column:
+        # The pipeline classifies the tokens of one text, and entities are spans of that text.
+        raise UsageError(
+            f"--text-pair-column: {model_dir.path} is a token classifier, which labels the tokens of one text; "
+            "token-classify takes --text-column only"
+        )
+    if config.stride is not None:
+        if config.aggregation == "none":
+            raise UsageError("--stride merges the entities of overlapping windows, which --aggregation none cannot do; "
+                             "choose simple, first, average or max")
+        longest = config.max_length or manifest.max_length
+        if not 0 <= config.stride < longest - 2:
+            raise UsageError(f"--stride must be between 0 and {longest - 3} (max length {longest} less [CLS] and [SEP]), "
+                             f"got {config.stride}")
 
 
 def _check_ray_options(config: RunConfig) -> None:

@@ -104,6 +104,7 @@ def export(
     layers: Annotated[Layers, typer.Option(help="embed: hidden layers that feed the pooling.")] = "last",
     token_embeddings: Annotated[bool, typer.Option("--token-embeddings", help="embed: also emit per-token vectors with their tokens.")] = False,
     top_k: Annotated[int, typer.Option(help="fill-mask: fills kept per [MASK] in the graph.")] = 5,
+    activation: Annotated[Literal["auto", "softmax", "sigmoid", "none"], typer.Option(help="classify: what turns logits into probs; auto follows the checkpoint (softmax for several labels, sigmoid for multi-label or one label, none for regression, or its sentence-transformers activation_fn).")] = "auto",
     max_length: Annotated[Optional[int], typer.Option(help="Maximum tokens per row (default: the checkpoint's).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     atol: Annotated[Optional[float], typer.Option(help="Loosen validation: absolute tolerance (default 1e-4).")] = None,
@@ -139,6 +140,7 @@ def export(
             quantize=quantize,
             packed=packed,
             external_data=external_data,
+            activation=activation,
         )
         export_model(with_tolerances(config, atol, rtol, min_cosine, min_mean_cosine), log=_stderr)
 
@@ -191,6 +193,10 @@ def _run_config(
     embedding_dtype: Annotated[Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"], typer.Option(help="embed: how embeddings are stored (as sentence-transformers' quantize_embeddings).")] = "float32",
     calibration_rows: Annotated[int, typer.Option(help="embed int8/uint8: ranges from the job's first N rows.")] = 1000,
     calibration: Annotated[Optional[Path], typer.Option(help="embed int8/uint8: ranges from this Parquet's 'embedding' column instead.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="multi-label classify: a label goes into `labels` when its probability is at least this (default 0.5).")] = None,
+    aggregation: Annotated[Optional[Literal["none", "simple", "first", "average", "max"]], typer.Option(help="token-classify: how tokens become entities, as transformers' pipeline aggregation_strategy (default simple).")] = None,
+    ignore_labels: Annotated[Optional[str], typer.Option(help="token-classify: comma-separated labels (entity groups) left out of `entities` (default O; '' keeps all).")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="token-classify: split rows longer than the max length into windows overlapping by this many tokens, and merge their entities (default: truncate).")] = None,
 ) -> RunConfig:
     """The job options ``run`` and ``submit`` share, as the one RunConfig (defined once, so they cannot drift)."""
     from worker.default_model import ensure_default_model
@@ -225,6 +231,10 @@ def _run_config(
         embedding_dtype=embedding_dtype,
         calibration_rows=calibration_rows,
         calibration=calibration,
+        threshold=threshold,
+        aggregation=aggregation,
+        ignore_labels=None if ignore_labels is None else tuple(label.strip() for label in ignore_labels.split(",") if label.strip()),
+        stride=stride,
     )
 
 

@@ -12,6 +12,8 @@ Engine = Literal["local", "ray"]
 Chunking = Literal["off", "mean", "rows"]
 # How embeddings are stored (worker/quantization.py).
 EmbeddingDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+# token-classify: transformers' TokenClassificationPipeline aggregation strategies (worker/entities.py).
+Aggregation = Literal["none", "simple", "first", "average", "max"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class RunConfig:
     calibration_rows: int = 1000
     calibration: Path | None = None
 
+    threshold: float | None = None  # multi-label classify: the probability a label needs (None: 0.5)
+    aggregation: Aggregation | None = None  # token-classify: as the pipeline's aggregation_strategy (None: simple)
+    ignore_labels: tuple[str, ...] | None = None  # token-classify: labels dropped from entities (None: O)
+    stride: int | None = None  # token-classify: split rows longer than max_length, overlapping by this
+
 
 # Fields older versions wrote into queued specs, which no longer mean anything: ignored on reading.
 RETIRED_FIELDS = frozenset({"progress"})
@@ -103,7 +110,7 @@ def config_from_spec(spec: dict[str, Any]) -> RunConfig:
         raise ValueError(f"unknown field(s) {', '.join(unknown)} (a spec from a newer bertbatch?)")
     try:
         values: dict[str, Any] = {
-            name: Path(value) if hints[name] in _PATH_TYPES and value is not None else value for name, value in spec.items()
+            name: Path(value) if hints[name] in _PATH_TYPES and value is not None else tuple(value) if isinstance(value, list) else value for name, value in spec.items()
         }
         return RunConfig(**values)
     except TypeError as error:  # a required field is missing

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
-Aggregation = Literal["none", "simple", "first", "average", "max"]
+from worker.config import Aggregation
+
 AGGREGATIONS: tuple[Aggregation, ...] = ("none", "simple", "first", "average", "max")
 DEFAULT_IGNORE_LABELS: tuple[str, ...] = ("O",)
 
@@ -59,6 +58,28 @@ class TokenWindow:
     offsets: Sequence[tuple[int, int]]
     special_tokens_mask: Sequence[int]
     scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class TokenOffsets:
+    """What the tokenizer tells about a window of rows beyond the token ids: the rows' texts and,
+    per sequence, its tokens' character offsets into its row's text and its special-tokens mask.
+
+    ``sequence_rows`` is the row of each sequence when a stride split long rows into several
+    overlapping sequences; ``None`` when sequence i is row i.
+    """
+
+    texts: Sequence[str | None]
+    token_ids: Sequence[Sequence[int]]
+    offsets: Sequence[Sequence[tuple[int, int]]]
+    special_tokens_mask: Sequence[Sequence[int]]
+    sequence_rows: np.ndarray | None = None
+
+    def row_of(self, sequence: int) -> int:
+        return sequence if self.sequence_rows is None else int(self.sequence_rows[sequence])
+
+    def window(self, sequence: int, scores: np.ndarray) -> TokenWindow:
+        return TokenWindow(self.token_ids[sequence], self.offsets[sequence], self.special_tokens_mask[sequence], scores)
 
 
 @dataclass(frozen=True)

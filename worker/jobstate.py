@@ -21,7 +21,9 @@ from typing import IO, Any
 
 from worker.atomic import TEMP_MARK, remove_stale_temporaries, write_text_atomic
 from worker.config import RunConfig
+from worker.decode import decode_options
 from worker.errors import InputError, JobLocked, OutputConflict, OutputError
+from worker.modeldir.manifest import Manifest
 from worker.runner import ModelDir
 from worker.source import InputFile
 
@@ -90,6 +92,7 @@ def job_identity(config: RunConfig, model_dir: ModelDir, files: list[InputFile],
         "embedding_dtype": config.embedding_dtype,
         "calibration_rows": config.calibration_rows if scalar and config.calibration is None else None,
         "calibration": _file_identity(config.calibration) if scalar and config.calibration is not None else None,
+        **_head_identity(config, model_dir.manifest),
     }
 
 
@@ -99,6 +102,16 @@ def _file_identity(path: Path) -> dict[str, Any]:
     except OSError as error:
         raise InputError(f"--calibration {path}: cannot read it: {error}") from error
     return {"path": str(path.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def _head_identity(config: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    # Only for the models they apply to, so jobs of the other tasks keep the identity they always had.
+    options = decode_options(config)
+    if manifest.multi_label:
+        return {"threshold": options.threshold}
+    if manifest.task == "token-classify":
+        return {"aggregation": options.aggregation, "ignore_labels": list(options.ignore_labels), "stride": config.stride}
+    return {}
 
 
 @dataclass

@@ -43,7 +43,7 @@ def compute_locally(
     """
     runner = make_runner(job.model_dir, config.device, config.threads)
     plan = plan_windows(config, job.model_dir.manifest, job.max_length, runner.provider == CUDA, job.text, job.embedding)
-    tokenizer = load_tokenizer(job.model_dir.tokenizer_file, plan.tokenizer_max_length)
+    tokenizer = load_tokenizer(job.model_dir.tokenizer_file, plan.tokenizer_max_length, plan.stride or 0)
     model = LoadedModel(job.model_dir.manifest, runner, vocabulary_of(tokenizer, tokenizer.get_vocab_size()))
     # The read stage is owned by the run stage only, so closing ``inferred`` stops both threads.
     prepared = in_background(_prepare(plan, tokenizer, job.files, shards), name="bertbatch-read")

@@ -228,16 +228,16 @@ def _worker_error_in(error: BaseException) -> WorkerError | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(path: Path, max_length: int | None) -> Any:
+def _tokenizer(path: Path, max_length: int | None, stride: int) -> Any:
     # Ray reuses worker processes: load a tokenizer once per process, not once per shard.
-    return load_tokenizer(path, max_length)
+    return load_tokenizer(path, max_length, stride)
 
 
 def _tokenize_shards(
     batch: pa.Table, *, plan: WindowPlan, files: list[InputFile], shards: list[Shard], tokenizer_file: Path
 ) -> Iterator[pa.Table]:
     """Stage 1 (a Ray task per shard): read a shard's text columns window by window and tokenize them."""
-    tokenizer = _tokenizer(tokenizer_file, plan.tokenizer_max_length)
+    tokenizer = _tokenizer(tokenizer_file, plan.tokenizer_max_length, plan.stride or 0)
     for position in batch.column("id").to_pylist():
         shard = shards[position]
         windows = [

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from worker.batching import PaddedBatch, iter_padded_batches, with_pooling_skip
 from worker.config import BATCH_LIMITS, PAD_MULTIPLE, Chunking, RunConfig
-from worker.decode import WindowResults
+from worker.decode import DecodeOptions, WindowResults, decode_options
 from worker.embedding_format import EmbeddingFormat
 from worker.errors import InferenceBroken
 from worker.modeldir.manifest import Manifest
@@ -26,7 +26,7 @@ from worker.output_rows import assemble_table
 from worker.runner import Runner
 from worker.source import InputFile, Shard, column_texts, read_shard
 from worker.text_plan import TextPlan, tokenize_units
-from worker.tokenize import TokenizedRows
+from worker.tokenize import TokenizedRows, tokenize_window
 
 INFERENCE_FAILED = "inference failed: "
 SYSTEMIC_FAILURE_ROWS = 8  # a window where at least this many rows, and none other, failed
@@ -54,6 +54,11 @@ class WindowPlan:
     # column's dimensions and precision, int8/uint8 ranges included (decided once per job).
     text: TextPlan | None = None
     embedding: EmbeddingFormat | None = None
+    # classify and token-classify (#11): the threshold, aggregation and ignored labels; token-classify
+    # tokenizes with character offsets, and with a stride splits long rows into overlapping windows.
+    decode: DecodeOptions = DecodeOptions()
+    with_offsets: bool = False
+    stride: int | None = None
 
     @property
     def text_columns(self) -> list[str]:
@@ -97,6 +102,9 @@ def plan_windows(
         top_k=config.top_k,
         text=text,
         embedding=embedding,
+        decode=decode_options(config),
+        with_offsets=manifest.task == "token-classify",
+        stride=config.stride,
     )
 
 
@@ -181,7 +189,10 @@ def tokenize_table(plan: WindowPlan, tokenizer: object, table: pa.RecordBatch) -
     if plan.text_pair_column:
         pairs, invalid = column_texts(table.column(plan.text_pair_column))
         unreadable.update((row, f"invalid UTF-8 in column {plan.text_pair_column!r}") for row in invalid)
-    tokens, chunks = tokenize_units(plan.text or TextPlan(plan.max_length), tokenizer, texts, pairs)  # type: ignore[arg-type]
+    if plan.with_offsets:
+        tokens, chunks = tokenize_window(tokenizer, texts, pairs, True, plan.stride is not None), None  # type: ignore[arg-type]
+    else:
+        tokens, chunks = tokenize_units(plan.text or TextPlan(plan.max_length), tokenizer, texts, pairs)  # type: ignore[arg-type]
     if chunks is not None:
         # Units are chunks: an unreadable (null) row is one unit, its first.
         first_unit = np.searchsorted(chunks.row, np.arange(table.num_rows))
@@ -222,13 +233,13 @@ def run_window(plan: WindowPlan, model: LoadedModel, window: PreparedWindow) -> 
     """
     tokens = window.tokens
     null = tokens.null.copy()
-    results = WindowResults(model.manifest, len(null), plan.top_k, model.vocabulary)
+    results = WindowResults(model.manifest, len(null), plan.top_k, model.vocabulary, plan.decode, tokens.offsets)
     null_note = f"null text in column {' or '.join(repr(column) for column in plan.text_columns)}"
     errors: list[str | None] = [null_note if row_is_null else None for row_is_null in null]
     for row, note in window.unreadable.items():  # read as null, but say why
         errors[row] = note
     for batch in window.batches:
-        _run_splitting(model.runner, batch, results, errors, null)
+        _run_splitting(model.runner, batch, results, errors, null, tokens)
     _refuse_systemic_failure(errors, window.unreadable, len(null) - int(null.sum()))
     return InferredWindow(window, results, errors, null)
 
@@ -245,7 +256,8 @@ def finish_window(plan: WindowPlan, window: InferredWindow) -> ComputedWindow:
     if embedding is not None:
         results = window.results.embedding
         pooled = results if results is not None else np.zeros((len(tokens.token_ids), embedding.model_dimensions), np.float32)
-    units = TokenizedRows(tokens.token_ids, tokens.type_ids, tokens.truncated, window.null, tokens.chunks)
+    # One unit per row, except chunks (--chunking) and a token classifier's windows (--stride).
+    units = TokenizedRows(tokens.row_token_ids(), tokens.type_ids, tokens.truncated, window.null, tokens.chunks)
     output = assemble_table(
         table, window.results.columns(window.null, tokens.token_ids, window.errors), units, tokens.chunks, plan.chunking, pooled, embedding
     )
@@ -274,17 +286,20 @@ def _refuse_systemic_failure(errors: list[str | None], unreadable: dict[int, str
         )
 
 
-def _run_splitting(runner: Runner, batch: PaddedBatch, results: WindowResults, errors: list[str | None], null: np.ndarray) -> None:
+def _run_splitting(
+    runner: Runner, batch: PaddedBatch, results: WindowResults, errors: list[str | None], null: np.ndarray, tokens: TokenizedRows
+) -> None:
     try:
         outputs = runner.run(batch)
     except Exception as error:  # onnxruntime raises its own types for OOM and kernel failures
         if len(batch.rows) == 1:
-            errors[int(batch.rows[0])] = f"{INFERENCE_FAILED}{type(error).__name__}: {error}"
-            null[batch.rows[0]] = True
+            row = tokens.row_of(int(batch.rows[0]))  # with --stride, one of the row's windows
+            errors[row] = f"{INFERENCE_FAILED}{type(error).__name__}: {error}"
+            null[row] = True
             return
         half = len(batch.rows) // 2
         for part in (slice(0, half), slice(half, None)):
-            _run_splitting(runner, _sub_batch(batch, part), results, errors, null)
+            _run_splitting(runner, _sub_batch(batch, part), results, errors, null, tokens)
         return
     results.add(batch, outputs)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "i love kathmandu and its temples",
@@ -131,7 +132,7 @@ def family_tokenizer(family: Family) -> Any:
 
 
 def save_family_checkpoint(directory: Path, model_type: str, task: str, initializer_range: float = 0.2) -> Path:
-    """Save a tiny random ``model_type`` model for ``task`` (embed, fill-mask, classify) and its tokenizer.
+    """Save a tiny random ``model_type`` model for ``task`` (embed, fill-mask, classify, token-classify) and its tokenizer.
 
     ``initializer_range`` 0.2 makes outputs decisive: fills and labels stand out far beyond float error.
     """
@@ -149,8 +150,15 @@ def save_family_checkpoint(directory: Path, model_type: str, task: str, initiali
     settings["pad_token_id"] = tokenizer.pad_token_id
     if task == "classify":
         settings.update(num_labels=len(LABELS), id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    if task == "token-classify":
+        settings.update(num_labels=len(NER_LABELS), id2label=NER_LABELS, label2id={v: k for k, v in NER_LABELS.items()})
     config = getattr(transformers, f"{family.class_prefix}Config")(**settings)
-    model_class = {"embed": "Model", "fill-mask": "ForMaskedLM", "classify": "ForSequenceClassification"}[task]
+    model_class = {
+        "embed": "Model",
+        "fill-mask": "ForMaskedLM",
+        "classify": "ForSequenceClassification",
+        "token-classify": "ForTokenClassification",
+    }[task]
     torch.manual_seed(0)
     model = getattr(transformers, f"{family.class_prefix}{model_class}")(config).eval()
     model.save_pretrained(directory)

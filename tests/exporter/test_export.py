@@ -13,22 +13,30 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import NER_LABELS
 
 from exporter.export import ExportConfig, ExportResult, export_model
 from worker.modeldir.manifest import MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, SpecialTokens, read_manifest
 
 # Every task with an export test below; tests/exporter/test_tasks.py fails if a registered task is missing.
-TESTED_TASKS = ("embed", "fill-mask", "classify")
-EXPORT_FIXTURES = {"embed": "tiny_embed_export", "fill-mask": "tiny_fill_mask_export", "classify": "tiny_classify_export"}
+TESTED_TASKS = ("embed", "fill-mask", "classify", "token-classify")
+EXPORT_FIXTURES = {
+    "embed": "tiny_embed_export",
+    "fill-mask": "tiny_fill_mask_export",
+    "classify": "tiny_classify_export",
+    "token-classify": "tiny_token_classify_export",
+}
 CHECKPOINT_FIXTURES = {
     "embed": "tiny_base_checkpoint",
     "fill-mask": "tiny_mlm_checkpoint",
     "classify": "tiny_classifier_checkpoint",
+    "token-classify": "tiny_token_classifier_checkpoint",
 }
 EXPECTED_OUTPUTS = {
     "embed": ("embedding",),
     "fill-mask": ("mask_positions", "top_scores", "top_ids"),
-    "classify": ("probs",),
+    "classify": ("probs", "logits"),
+    "token-classify": ("token_probs",),
 }
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 # bert-base-uncased: [CLS]=101, [SEP]=102, [PAD]=0, [MASK]=103, [UNK]=100.
@@ -181,7 +189,9 @@ def test_manifest_fields(task: str, request: pytest.FixtureRequest) -> None:
     else:
         assert (manifest.pooling, manifest.layers, manifest.embedding_dim) == (None, None, None)
     assert manifest.top_k == (5 if task == "fill-mask" else None)
-    assert manifest.id2label == (LABELS if task == "classify" else None)
+    assert manifest.id2label == {"classify": LABELS, "token-classify": NER_LABELS}.get(task)
+    assert manifest.activation == ("softmax" if task == "classify" else None)  # three single-label classes
+    assert manifest.subword_prefix == ("##" if task == "token-classify" else None)  # WordPiece
 
 
 @pytest.mark.parametrize("task", TESTED_TASKS)
@@ -198,7 +208,9 @@ def test_onnx_batch_and_sequence_axes_are_dynamic(task: str, request: pytest.Fix
     if task == "embed":
         assert outputs["embedding"][1] == result.manifest.embedding_dim
     if task == "classify":
-        assert outputs["probs"][1] == len(LABELS)
+        assert outputs["probs"][1] == outputs["logits"][1] == len(LABELS)
+    if task == "token-classify":
+        assert isinstance(outputs["token_probs"][1], str) and outputs["token_probs"][2] == len(NER_LABELS)
     if task == "fill-mask":
         assert outputs["top_ids"][1] == outputs["top_scores"][1] == result.manifest.top_k
 
@@ -272,6 +284,25 @@ def test_classify_matches_pytorch_softmax(tiny_classify_export: ExportResult, ti
     # Probabilities of the random tiny classifier sit close to 1/3: compare tightly.
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(got.sum(axis=-1), 1.0, atol=1e-6)
+
+
+def test_token_classify_matches_pytorch_softmax_per_token(
+    tiny_token_classify_export: ExportResult, tiny_token_classifier_checkpoint: Path
+) -> None:
+    import torch
+    import transformers
+
+    inputs = encode_padded(tiny_token_classify_export.directory, TEXTS)
+    got = run_onnx(tiny_token_classify_export, inputs)["token_probs"]
+
+    model = transformers.BertForTokenClassification.from_pretrained(tiny_token_classifier_checkpoint).eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(**as_torch(inputs)).logits, dim=-1).numpy()
+
+    assert got.shape == (*inputs["input_ids"].shape, len(NER_LABELS))
+    valid = inputs["attention_mask"].astype(bool)  # padding positions are never read
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-5)
+    assert len(set(got[valid].argmax(-1).tolist())) >= 4, "the decisive tiny head predicts several labels"
 
 
 # --- embedding options ----------------------------------------------------------------------------

@@ -77,7 +77,8 @@ class AutoReference:
         import transformers
 
         auto = {"embed": transformers.AutoModel, "fill-mask": transformers.AutoModelForMaskedLM,
-                "classify": transformers.AutoModelForSequenceClassification}[task]
+                "classify": transformers.AutoModelForSequenceClassification,
+                "token-classify": transformers.AutoModelForTokenClassification}[task]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
         self.model = auto.from_pretrained(checkpoint).eval()
 
@@ -150,6 +151,20 @@ def assert_probs(table: pa.Table, reference: AutoReference, max_length: int, pai
         assert table["label"][row].as_py() == LABELS[int(expected.argmax())]
 
 
+def assert_entities(table: pa.Table, checkpoint: Path, max_length: int) -> None:
+    """Entities against transformers' own pipeline on the family's checkpoint and tokenizer (WordPiece,
+    byte-level BPE, SentencePiece: the pipeline's word rule differs between them)."""
+    from conftest import TokenPipelineReference
+
+    reference = TokenPipelineReference(checkpoint)
+    for row, text in enumerate(TEXTS):
+        got = table["entities"][row].as_py()
+        expected = reference.entities(text, max_length=max_length)
+        assert [(e["label"], e["start"], e["end"]) for e in got] == [(e[0], e[2], e[3]) for e in expected], f"row {row}"
+        np.testing.assert_allclose([e["score"] for e in got], [e[1] for e in expected], atol=1e-4, err_msg=f"row {row}")
+        assert all(e["text"] == text[e["start"] : e["end"]] for e in got)
+
+
 def assert_matches_pytorch(result: ExportResult, checkpoint: Path, task: str, tmp_path: Path) -> None:
     reference = AutoReference(checkpoint, task)
     max_length = result.manifest.max_length
@@ -158,6 +173,8 @@ def assert_matches_pytorch(result: ExportResult, checkpoint: Path, task: str, tm
     elif task == "fill-mask":
         texts = masked_texts(reference.tokenizer.mask_token)
         assert_fills(run_worker(result, tmp_path, texts), reference, max_length, texts, result.manifest.top_k or 5)
+    elif task == "token-classify":
+        assert_entities(run_worker(result, tmp_path, TEXTS), checkpoint, max_length)
     else:
         assert_probs(run_worker(result, tmp_path / "single", TEXTS), reference, max_length, None)
         assert_probs(run_worker(result, tmp_path / "pairs", TEXTS, PAIRS), reference, max_length, PAIRS)

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.errors import ExportError, OptimizationError
 from exporter.export import ExportConfig, ExportResult, export_model, revalidate, with_tolerances
-from exporter.optimize import EncoderShape, fuse_transformer_ops
+from exporter.optimize import EncoderShape, encoder_matmuls, fuse_transformer_ops
 from exporter.tasks import TASK_SPECS
 from exporter.validation import OutputStats, Tolerances, default_tolerances, mean_cosine_problems
 from worker.modeldir.manifest import MODEL_FILE, read_manifest
@@ -23,11 +23,21 @@ CHECKPOINT_FIXTURES = {
     "embed": "tiny_base_checkpoint",
     "fill-mask": "tiny_mlm_checkpoint",
     "classify": "tiny_classifier_checkpoint",
+    "token-classify": "tiny_token_classifier_checkpoint",
 }
 # The in-graph heads that must survive fusion, by task, and their float operators (float32 under --fp16).
-HEAD_OPS = {"embed": {"ReduceSum", "Div"}, "fill-mask": {"NonZero", "Softmax", "TopK"}, "classify": {"Softmax"}}
-FLOAT_HEAD_OPS = {"embed": {"ReduceSum", "Div"}, "fill-mask": {"Softmax", "TopK"}, "classify": {"Softmax"}}
+HEAD_OPS = {
+    "embed": {"ReduceSum", "Div"},
+    "fill-mask": {"NonZero", "Softmax", "TopK"},
+    "classify": {"Softmax"},
+    "token-classify": {"Softmax"},
+}
+FLOAT_HEAD_OPS = {"embed": {"ReduceSum", "Div"}, "fill-mask": {"Softmax", "TopK"}, "classify": {"Softmax"}, "token-classify": {"Softmax"}}
 VARIANTS: dict[str, dict[str, object]] = {"optimize": {"optimize": True}, "fp16": {"fp16": True}, "int8": {"quantize": "int8"}}
+# The tiny token classifier's head is scaled up to make its labels decisive, which also amplifies
+# the int8 encoder's error: its per-token probabilities move by up to ~0.15 (measured), beyond the
+# default int8 atol 0.05, so this export loosens it explicitly, as a user would with --atol.
+LOOSENED = {("token-classify", "int8"): 0.2}
 ENCODER_OPS = {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu", "MatMul"}
 
 
@@ -41,6 +51,8 @@ def variant_exports(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
             checkpoint = request.getfixturevalue(CHECKPOINT_FIXTURES[task])
             out = tmp_path_factory.mktemp("variants") / f"{task}-{variant}"
             config = ExportConfig(source=str(checkpoint), task=task, out=out, **VARIANTS[variant])  # type: ignore[arg-type]
+            if (task, variant) in LOOSENED:
+                config = with_tolerances(config, atol=LOOSENED[task, variant], rtol=None)
             cache[task, variant] = export_model(config, log=lambda line: None)
         return cache[task, variant]
 
@@ -99,8 +111,15 @@ def test_fp16_converts_the_encoder_and_keeps_float32_io_and_heads(task: str, var
     assert {elem for _, elem in io_types(graph)} <= {TensorProto.FLOAT, TensorProto.INT64}
 
     initializers = {t.name: t.data_type for t in graph.graph.initializer}
-    encoder_weights = {name for node in graph.graph.node if node.op_type in ENCODER_OPS for name in node.input if name in initializers}
+    # The token classifier's projection is a MatMul too, but of the head: it stays float32.
+    matmuls = {node.name for node in encoder_matmuls(graph.graph)}
+    encoder_nodes = [node for node in graph.graph.node if node.op_type in ENCODER_OPS and (node.op_type != "MatMul" or node.name in matmuls)]
+    encoder_weights = {name for node in encoder_nodes for name in node.input if name in initializers}
     assert encoder_weights and {initializers[name] for name in encoder_weights} == {TensorProto.FLOAT16}
+    head_weights = {name for node in graph.graph.node if node.op_type == "MatMul" and node.name not in matmuls
+                    for name in node.input if name in initializers}
+    assert {initializers[name] for name in head_weights} <= {TensorProto.FLOAT}
+    assert bool(head_weights) == (task == "token-classify")
 
     types = {v.name: v.type.tensor_type.elem_type for v in list(graph.graph.value_info) + list(graph.graph.output)}
     head_inputs = [node.input[0] for node in graph.graph.node if node.op_type in FLOAT_HEAD_OPS[task]]

@@ -22,6 +22,7 @@ CHECKPOINT_FIXTURES = {
     "embed": "tiny_base_checkpoint",
     "fill-mask": "tiny_mlm_checkpoint",
     "classify": "tiny_classifier_checkpoint",
+    "token-classify": "tiny_token_classifier_checkpoint",
 }
 
 

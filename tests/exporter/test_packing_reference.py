@@ -110,17 +110,28 @@ def onnxruntime_cpu(model_file: Path, feeds: list[Feeds]) -> tuple[list[str], li
 
 
 def assert_outputs_match(
-    names: list[str], got: list[np.ndarray], expected: list[np.ndarray], rtol: float, where: str
+    names: list[str], got: list[np.ndarray], expected: list[np.ndarray], rtol: float, where: str,
+    valid: np.ndarray | None = None,
 ) -> None:
-    """Integer outputs (mask positions, top ids) exactly, float outputs within ``rtol``."""
+    """Integer outputs (mask positions, top ids) exactly, float outputs within ``rtol``; per-token
+    outputs (``token_probs``) at the ``valid`` (real) tokens only: nothing reads padding positions,
+    which the packed graph zero-fills and the fused one computes from padding."""
     for name, actual, wanted in zip(names, got, expected, strict=True):
         assert actual.shape == wanted.shape and actual.dtype == wanted.dtype, (where, name, actual.shape, wanted.shape)
+        if name == "token_probs" and valid is not None:
+            actual, wanted = actual[valid], wanted[valid]
         if np.issubdtype(wanted.dtype, np.integer):
             np.testing.assert_array_equal(actual, wanted, err_msg=f"{where}: {name}")
         else:
             # Relative, with a floor at the output's own scale for elements near zero: masked-LM
             # probabilities are ~1e-3, where a fixed absolute 1e-5 would hide a wrong row.
-            atol = rtol * 0.01 * float(np.abs(wanted).max(initial=0.0))
+            floor = 0.01
+            if name == "token_probs" and rtol > RTOL["fp32"]:
+                # The tiny token head is scaled 10x to make labels decisive: the two float16 roundings of
+                # the encoder (reference, onnxruntime) move its logits by ~3e-2, a 0.1 probability by 2.6e-3
+                # (measured). The encoder itself is compared token by token, before the head, below.
+                floor = 0.5
+            atol = rtol * floor * float(np.abs(wanted).max(initial=0.0))
             np.testing.assert_allclose(actual, wanted, rtol=rtol, atol=atol, err_msg=f"{where}: {name}")
 
 
@@ -136,7 +147,9 @@ def assert_reference_matches_onnxruntime(graph: Path, fused: Path, export: Expor
     names, expected = onnxruntime_cpu(fused, feeds)
     evaluator = reference_evaluator(graph)
     for feed, wanted in zip(feeds, expected):
-        assert_outputs_match(names, evaluate(evaluator, feed), wanted, rtol, f"{label} {feed['input_ids'].shape}")
+        assert_outputs_match(
+            names, evaluate(evaluator, feed), wanted, rtol, f"{label} {feed['input_ids'].shape}", feed["attention_mask"].astype(bool)
+        )
 
 
 def test_every_task_has_a_reference_test() -> None:

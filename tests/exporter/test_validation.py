@@ -31,6 +31,7 @@ BROKEN_EXPORTS: dict[str, tuple[str, str]] = {
     "embed": ("tiny_base_checkpoint", "embedding"),
     "fill-mask": ("tiny_decisive_mlm_checkpoint", "top_scores"),
     "classify": ("tiny_decisive_classifier_checkpoint", "probs"),
+    "token-classify": ("tiny_token_classifier_checkpoint", "token_probs"),
 }
 
 
@@ -268,10 +269,15 @@ def test_a_failed_export_is_kept_aside_and_never_becomes_the_output(
     assert (failed / MODEL_FILE).is_file()
 
 
-@pytest.mark.parametrize("task", ["embed", "fill-mask", "classify"])
+@pytest.mark.parametrize("task", ["embed", "fill-mask", "classify", "token-classify"])
 def test_revalidate_passes_on_a_good_export(task: str, request: pytest.FixtureRequest) -> None:
     result: ExportResult = request.getfixturevalue(
-        {"embed": "tiny_embed_export", "fill-mask": "tiny_fill_mask_export", "classify": "tiny_classify_export"}[task]
+        {
+            "embed": "tiny_embed_export",
+            "fill-mask": "tiny_fill_mask_export",
+            "classify": "tiny_classify_export",
+            "token-classify": "tiny_token_classify_export",
+        }[task]
     )
     lines: list[str] = []
     report = revalidate(result.directory, log=lines.append)

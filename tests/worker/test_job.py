@@ -19,10 +19,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import LABELS, TorchReference, minilm_dir
+from conftest import LABELS, TokenPipelineReference, TorchReference, minilm_dir
 from exporter.export import ExportResult
 from worker.batching import PaddedBatch
 from worker.config import RunConfig
+from worker.decode import ENTITY_TYPE
 from worker.errors import InputError, InputSchemaError, JobLocked, OutputConflict, UsageError
 from worker.job import run_job
 from worker.jobstate import OutputLock
@@ -137,7 +138,7 @@ def assert_embeddings(got: list[list[float] | None], expected: list[np.ndarray |
 
 
 def test_every_task_has_an_end_to_end_test() -> None:
-    tested = {"embed", "classify", "fill-mask"}
+    tested = {"embed", "classify", "fill-mask", "token-classify"}
     assert tested == set(TASKS), f"tasks without a run_job test here: {set(TASKS) - tested}"
 
 
@@ -185,7 +186,7 @@ def test_classify_matches_pytorch_with_label_names(
     result = read_output(output)
 
     assert_passed_through(result, source)
-    assert result.column_names[-5:] == ["label", "label_id", "score", "probs", "error"]
+    assert result.column_names[-6:] == ["label", "label_id", "score", "probs", "logits", "error"]
     assert result.schema.field("label").type == pa.string()
     assert result.schema.field("label_id").type == pa.int64()
     assert pa.types.is_floating(result.schema.field("score").type)
@@ -203,6 +204,31 @@ def test_classify_matches_pytorch_with_label_names(
         assert got["score"] == pytest.approx(float(np.max(expected)), abs=1e-5)
         assert got["error"] is None
     assert set(result.column("label").to_pylist()) == {*LABELS.values(), None}
+
+
+def test_token_classify_matches_the_pipeline_row_for_row(
+    tmp_path: Path, tiny_token_classify_export: ExportResult, token_classify_reference: TokenPipelineReference
+) -> None:
+    source = input_table(TEXTS)
+    output = tmp_path / "out"
+    summary = run_job(make_config(tiny_token_classify_export, write_input(tmp_path / "in.parquet", source), output))
+    result = read_output(output)
+
+    assert_passed_through(result, source)
+    assert result.column_names[-2:] == ["entities", "error"]
+    assert result.schema.field("entities").type == pa.list_(ENTITY_TYPE)
+    max_length = tiny_token_classify_export.manifest.max_length
+    for row, (text, got) in enumerate(zip(TEXTS, result.to_pylist())):
+        if text is None:
+            assert got["entities"] is None and "null text" in got["error"]
+            continue
+        expected = token_classify_reference.entities(text, max_length=max_length)
+        assert [(e["label"], e["start"], e["end"]) for e in got["entities"]] == [e[:1] + e[2:] for e in expected], f"row {row}"
+        np.testing.assert_allclose([e["score"] for e in got["entities"]], [e[1] for e in expected], atol=1e-5)
+        assert all(e["text"] == text[e["start"] : e["end"]] for e in got["entities"])
+        assert got["error"] is None
+    assert summary.error_rows == TEXTS.count(None)
+    assert sum(len(entities or []) for entities in result.column("entities").to_pylist()) > len(TEXTS)
 
 
 def assert_fills(

@@ -21,7 +21,9 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_DATA_FILE = "model.onnx.data"
 FORMAT_VERSION = 1
 
-Task = Literal["embed", "fill-mask", "classify"]
+Task = Literal["embed", "fill-mask", "classify", "token-classify"]
+# classify: what turns the logits into ``probs`` (exporter/activation.py chooses it from the checkpoint).
+Activation = Literal["softmax", "sigmoid", "none"]
 Pooling = Literal["mean", "cls", "pooler"]
 Layers = Literal["last", "second-to-last", "sum-last-four", "concat-last-four"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -76,6 +78,16 @@ class Manifest:
     include_prompt: bool = True
     # ONNX external data (the weights of a graph past 2 GB), inside the model directory; None: all in model_file.
     model_data_file: str | None = None
+    # classify: the in-graph activation; None in exports made before it was recorded (softmax, no logits output).
+    activation: Activation | None = None
+    # token-classify: the tokenizer's continuing-subword prefix (WordPiece "##"), which tells word starts
+    # from word pieces the way transformers' token-classification pipeline does; None when it has none.
+    subword_prefix: str | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        """classify: independent per-label probabilities (a sigmoid over several labels)."""
+        return self.task == "classify" and self.activation == "sigmoid" and len(self.id2label or {}) > 1
 
     @property
     def validated(self) -> bool:
