@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from worker.batching import PaddedBatch
-from worker.decode import DECODERS, WindowResults, result_schema
+from worker.decode import DECODERS, ENTITY_TYPE, DecodeOptions, WindowResults, result_schema
+from worker.entities import TokenOffsets
 from worker.modeldir.manifest import Manifest, SpecialTokens, Task
 from worker.modeldir.padding import pad_rows
 
@@ -18,10 +19,12 @@ NULL = np.array([False, False, True, False])
 
 
 def a_manifest(task: Task, **fields: object) -> Manifest:
-    outputs = {"embed": ("embedding",), "classify": ("probs",), "fill-mask": ("mask_positions", "top_scores", "top_ids")}
+    outputs = {"embed": ("embedding",), "classify": ("probs",), "fill-mask": ("mask_positions", "top_scores", "top_ids"),
+               "token-classify": ("token_probs",)}
+    fields = {"outputs": outputs[task], **fields}
     return Manifest(
         task=task, source="test", max_length=16, special_tokens=SpecialTokens(cls=1, sep=2, pad=0, mask=3, unk=None),
-        inputs=("input_ids", "attention_mask", "token_type_ids"), outputs=outputs[task], opset=17, **fields,  # type: ignore[arg-type]
+        inputs=("input_ids", "attention_mask", "token_type_ids"), opset=17, **fields,  # type: ignore[arg-type]
     )
 
 
@@ -29,8 +32,11 @@ def batch_of(rows: list[int]) -> PaddedBatch:
     return PaddedBatch(np.array(rows), *pad_rows([TOKENS[i] for i in rows], None, pad_id=0))
 
 
-def decode(manifest: Manifest, batches: list[tuple[list[int], dict[str, np.ndarray]]], top_k: int | None = None) -> pa.Table:
-    results = WindowResults(manifest, len(TOKENS), top_k, VOCABULARY)
+def decode(
+    manifest: Manifest, batches: list[tuple[list[int], dict[str, np.ndarray]]], top_k: int | None = None,
+    options: DecodeOptions = DecodeOptions(), offsets: TokenOffsets | None = None,
+) -> pa.Table:
+    results = WindowResults(manifest, len(TOKENS), top_k, VOCABULARY, options, offsets)
     for rows, outputs in batches:
         results.add(batch_of(rows), outputs)
     errors: list[str | None] = [None, None, "empty text", None]
@@ -85,7 +91,45 @@ def test_fill_mask_groups_fills_by_row_in_token_order_and_cuts_to_top_k() -> Non
     assert fills[3][0][0]["score"] == pytest.approx(0.5)
 
 
-TESTED_DECODERS = ("embed", "classify", "fill-mask")
+def test_multi_label_lists_the_labels_at_or_above_the_threshold_and_keeps_the_logits() -> None:
+    manifest = a_manifest("classify", id2label={0: "toxic", 1: "insult", 2: "spam"}, activation="sigmoid",
+                          outputs=("probs", "logits"))
+    probs = np.array([[0.9, 0.6, 0.1], [0.2, 0.3, 0.45]], np.float32)
+    logits = np.log(probs / (1 - probs))
+    batches = [([0, 1], {"probs": probs, "logits": logits}), ([3], {"probs": probs[:1], "logits": logits[:1]})]
+    table = decode(manifest, batches, options=DecodeOptions(threshold=0.3))
+    assert table.column_names[-3:] == ["logits", "labels", "error"]
+    assert table.column("labels").to_pylist() == [["toxic", "insult"], ["insult", "spam"], None, ["toxic", "insult"]]
+    np.testing.assert_allclose(table.column("logits").to_pylist()[1], logits[1], rtol=1e-6)
+    assert table.column("label").to_pylist()[1] == "spam"
+    default = decode(manifest, batches)  # 0.5
+    assert default.column("labels").to_pylist()[1] == []
+
+
+def test_token_classify_entities_point_into_their_rows_text() -> None:
+    # Row 0 "red": one token; row 1 "green blue sky": green is B-COLOR, blue I-COLOR, sky O.
+    texts = ["red", "green blue sky", None, "[MASK]"]
+    offsets = [[(0, 0), (0, 3), (0, 0)], [(0, 0), (0, 5), (6, 10), (11, 14), (0, 0)], [(0, 0), (0, 0)], [(0, 0), (0, 6), (0, 0)]]
+    special = [[1, 0, 1], [1, 0, 0, 0, 1], [1, 1], [1, 0, 1]]
+    manifest = a_manifest("token-classify", id2label={0: "O", 1: "B-COLOR", 2: "I-COLOR"}, subword_prefix="##")
+
+    def probs(labels: list[int]) -> np.ndarray:
+        return np.eye(3, dtype=np.float32)[labels] * 0.8 + 0.2 / 3
+
+    padded = np.zeros((2, 5, 3), np.float32)
+    padded[0] = probs([0, 1, 2, 0, 0])
+    padded[1, :3] = probs([0, 1, 0])
+    table = decode(manifest, [([1, 0], {"token_probs": padded}), ([3], {"token_probs": probs([0, 0, 0])[None]})],
+                   offsets=TokenOffsets(texts, TOKENS, offsets, special))
+    entities = table.column("entities").to_pylist()
+    assert [(e["label"], e["start"], e["end"], e["text"]) for e in entities[1]] == [("COLOR", 0, 10, "green blue")]
+    assert [(e["label"], e["text"]) for e in entities[0]] == [("COLOR", "red")]
+    assert entities[2] is None and entities[3] == []
+    assert entities[1][0]["score"] == pytest.approx(0.8 + 0.2 / 3)
+    assert table.schema.field("entities").type == pa.list_(ENTITY_TYPE)
+
+
+TESTED_DECODERS = ("embed", "classify", "fill-mask", "token-classify")
 
 
 def test_every_decoder_has_a_test_here() -> None:
