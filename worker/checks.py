@@ -91,6 +91,11 @@ def _check_head_options(config: RunConfig, model_dir: ModelDir) -> None:
         if given:
             raise UsageError(f"{', '.join(given)} apply to token-classify models; {model_dir.path} is a {manifest.task} model")
         return
+    if config.engine == "ray":
+        # The Ray engine ships a shard's tokens to the workers in a fixed Arrow layout
+        # (worker/shard_tokens.py) that does not carry character offsets yet.
+        raise UsageError("token-classify runs on --engine local only for now: the Ray engine does not carry "
+                         "the tokens' character offsets that entities need")
     if config.text_pair_column:
         # The pipeline classifies the tokens of one text, and entities are spans of that text.
         raise UsageError(

@@ -164,6 +164,16 @@ def test_ray_output_equals_the_local_engine_row_by_row(
     assert (on_ray.shards_written, on_ray.provider) == (local.shards_written, "CPUExecutionProvider on 2 Ray workers")
 
 
+def test_token_classify_on_ray_is_refused_before_any_work(tmp_path: Path, small_inputs: Path, tiny_token_classify_export: ExportResult) -> None:
+    """#11: the Ray engine's token layout has no character offsets, so entities cannot be built there (yet)."""
+    from worker.errors import UsageError
+
+    config = replace(job_config(tiny_token_classify_export.directory, small_inputs, tmp_path), engine="ray")
+    with pytest.raises(UsageError, match="--engine local only"):
+        run_job(config)
+    assert not list(tmp_path.glob("*.parquet"))
+
+
 def test_ray_output_equals_the_local_engine_with_chunking_and_int8(
     ray_runtime: None, tmp_path: Path, small_inputs: Path, tiny_embed_export: ExportResult
 ) -> None:
